@@ -1,0 +1,45 @@
+# defocus-clip: the commands a user needs. `make install`, `make test`, `make pretrain`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/defocus-clip
+RECIPE ?= demo
+NPROC ?= $(shell $(PY) -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+ARGS ?=
+
+.PHONY: install test lint bench pretrain demo-data eval clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)  ## create .venv and install the project (editable) with its test extras
+	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]:-0} -eq 0
+	$(PY) -c "import defocus_clip, torchvision, open_clip, deepspeed; print('defocus-clip', defocus_clip.__version__, 'installed')"
+
+test:  ## run the test suite (CPU, offline)
+	$(PY) -m ruff check src tests recipes data_prep eval
+	$(PY) -m pytest -q -ra $(ARGS)
+
+lint:  ## ruff
+	$(PY) -m ruff check src tests recipes data_prep eval
+
+bench:  ## throughput and peak memory against OpenCLIP's ViT-B-32, printed as ratios
+	$(CLI) bench $(ARGS)
+
+demo-data:  ## build the embedded Twemoji demo data set (training shards + clip-benchmark wds/ sets)
+	$(CLI) prep demo $(ARGS)
+
+pretrain:  ## train RECIPE (default: demo, a small model on the demo data, CPU, minutes)
+	$(CLI) train --recipe $(RECIPE) --nproc $(NPROC) $(ARGS)
+
+eval:  ## zero-shot evaluation: make eval CKPT=run_dir_or_file DATA=imagenet1k,mscoco_captions
+	$(CLI) eval --checkpoint $(CKPT) --dataset $(subst $(comma), ,$(DATA)) $(ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+
+comma := ,
+SHELL := /bin/bash

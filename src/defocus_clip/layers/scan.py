@@ -1,0 +1,155 @@
+"""Selective scan of Mamba (paper Eq. 2, 5): h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t . h_t.
+
+Three implementations behind one function, `selective_scan`, with the signature of `mamba_ssm`'s
+`selective_scan_fn` restricted to what De-focus Mamba uses (no D, no z, no delta bias or softplus):
+
+    u, delta: (Bt, D, L)    A: (D, N)    B, C: (Bt, N, L)    ->    y: (Bt, D, L), float32
+
+- `"ref"`: `selective_scan_ref`, the token-by-token recurrence; a correctness reference, not for training.
+- `"torch"`: pure PyTorch, parallel over the sequence (Hillis-Steele scan, log2(L) steps) inside a custom
+  autograd function whose backward recomputes the states instead of storing Bt*D*L*N tensors per layer.
+- `"cpp"`: a fused CPU kernel (`scan_cpu.py`), built on first use when a compiler is present.
+- `"cuda"`: `mamba_ssm.selective_scan_fn` when importable and the inputs are on CUDA.
+
+`impl=None` picks automatically; the env var `DEFOCUS_SCAN_IMPL` (auto|ref|torch|cpp|cuda) overrides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+SCAN_IMPLS = ("auto", "ref", "torch", "cpp", "cuda")
+ENV_VAR = "DEFOCUS_SCAN_IMPL"
+
+
+def selective_scan_ref(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """Token-by-token recurrence in the input dtype (use float64 for a reference). Shapes as the module doc."""
+    bt, d, length = u.shape
+    h = u.new_zeros(bt, d, A.shape[1])
+    ys = []
+    for t in range(length):
+        dA = torch.exp(delta[:, :, t, None] * A)  # (Bt, D, N)
+        h = dA * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, dim=-1)
+
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + b_t along `dim` (h_{-1} = 0), by Hillis-Steele doubling: log2(L) tensor ops.
+
+    Only products of decays in (0, 1] appear, so nothing overflows (a log-space cumsum would).
+    """
+    a, b = a.clone(), b.clone()
+    length = a.shape[dim]
+    k = 1
+    while k < length:
+        a_prev, b_prev = a.narrow(dim, 0, length - k), b.narrow(dim, 0, length - k)
+        a_cur, b_cur = a.narrow(dim, k, length - k), b.narrow(dim, k, length - k)
+        # combine (a_prev, b_prev) then (a_cur, b_cur): b <- a_cur * b_prev + b_cur, a <- a_cur * a_prev
+        new_b = torch.addcmul(b_cur, a_cur, b_prev)
+        new_a = a_cur * a_prev
+        b = torch.cat((b.narrow(dim, 0, k), new_b), dim)
+        a = torch.cat((a.narrow(dim, 0, k), new_a), dim)
+        k *= 2
+    return b
+
+
+def _scan_states(u, delta, A, B):
+    """Decays a = exp(delta A), inputs b = delta u B and states h, all (Bt, D, L, N)."""
+    a = torch.exp(delta.unsqueeze(-1) * A[:, None, :])
+    b = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
+    return a, b, _linear_scan(a, b, dim=2)
+
+
+class _TorchScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        _, _, h = _scan_states(u, delta, A, B)
+        ctx.save_for_backward(u, delta, A, B, C)
+        return torch.einsum("bdln,bnl->bdl", h, C)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C = ctx.saved_tensors
+        a, _, h = _scan_states(u, delta, A, B)
+        dC = torch.einsum("bdl,bdln->bnl", dy, h)
+        # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, a reversed linear scan
+        dh = dy.unsqueeze(-1) * C.transpose(1, 2).unsqueeze(1)
+        a_next = torch.cat((a[:, :, 1:], torch.zeros_like(a[:, :, :1])), dim=2)
+        g = _linear_scan(a_next.flip(2), dh.flip(2), dim=2).flip(2)
+        h_prev = torch.cat((torch.zeros_like(h[:, :, :1]), h[:, :, :-1]), dim=2)
+        d_log_a = g * h_prev * a  # d loss / d (delta A), (Bt, D, L, N)
+        dA = torch.einsum("bdln,bdl->dn", d_log_a, delta)
+        gB = g * B.transpose(1, 2).unsqueeze(1)  # d loss / d (delta u) before summing over N
+        gB_sum = gB.sum(-1)
+        ddelta = torch.einsum("bdln,dn->bdl", d_log_a, A) + gB_sum * u
+        du = gB_sum * delta
+        dB = torch.einsum("bdln,bdl->bnl", g, delta * u)
+        return du, ddelta, dA, dB, dC
+
+
+def selective_scan_torch(u, delta, A, B, C) -> torch.Tensor:
+    """Pure-PyTorch parallel scan (float32); works on any device."""
+    return _TorchScan.apply(u, delta, A, B, C)
+
+
+@functools.cache
+def _mamba_ssm_fn():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # ImportError, or a broken CUDA build
+        return None
+    return selective_scan_fn
+
+
+def _cpp_fn():
+    from . import scan_cpu
+
+    return scan_cpu.selective_scan_cpp if scan_cpu.available() else None
+
+
+def resolve_scan_impl(device: torch.device | str, impl: str | None = None) -> str:
+    """Which implementation `selective_scan` runs for tensors on `device` (the logic lives here only)."""
+    impl = impl or os.environ.get(ENV_VAR, "auto") or "auto"
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"unknown scan implementation {impl!r} (from {ENV_VAR} or argument); valid: {SCAN_IMPLS}")
+    device = torch.device(device)
+    if impl == "auto":
+        if device.type == "cuda" and _mamba_ssm_fn() is not None:
+            return "cuda"
+        if device.type == "cpu" and _cpp_fn() is not None:
+            return "cpp"
+        return "torch"
+    if impl == "cuda" and (device.type != "cuda" or _mamba_ssm_fn() is None):
+        raise RuntimeError("scan implementation 'cuda' needs mamba_ssm installed and CUDA inputs")
+    if impl == "cpp" and (device.type != "cpu" or _cpp_fn() is None):
+        raise RuntimeError("scan implementation 'cpp' needs CPU inputs and a working C++ compiler (see scan_cpu.py)")
+    return impl
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Selective scan, float32 out. Shapes and implementations: see the module docstring."""
+    which = resolve_scan_impl(u.device, impl)
+    if which == "cuda":
+        return _mamba_ssm_fn()(u, delta, A, B, C, delta_softplus=False).float()
+    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    if which == "ref":
+        return selective_scan_ref(u, delta, A, B, C)
+    if which == "cpp":
+        return _cpp_fn()(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous())
+    return selective_scan_torch(u, delta, A, B, C)
