@@ -7,9 +7,9 @@ work. Registering twice is harmless.
 
 __version__ = "0.1.0"
 
+from .clip import list_clip_models, register_openclip_configs  # noqa: E402
 from .errors import ConfigError, DataError, DefocusError, InputShapeError  # noqa: E402
 from .towers import DefocusMamba, create_tower, list_towers, load_official_defocus_mamba  # noqa: E402
-from .clip import list_clip_models, register_openclip_configs  # noqa: E402
 
 register_openclip_configs()
 

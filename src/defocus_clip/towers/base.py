@@ -146,7 +146,10 @@ class TokenTower(nn.Module):
         return 0 if self.class_token_first else -1
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
+        return self.run_blocks_slice(x, self.blocks)
+
+    def run_blocks_slice(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        for blk in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
@@ -201,7 +204,10 @@ class TokenTower(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -261,7 +267,7 @@ class TokenTower(nn.Module):
         last = max(take)
         blocks = self.blocks[: last + 1] if stop_early else self.blocks
         for i, blk in enumerate(blocks):
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else blk(x)
+            x = self.run_blocks_slice(x, [blk])
             if i in take:
                 y = self.norm(x) if norm else x
                 img = y[:, self.image_token_slice()]

@@ -36,7 +36,8 @@ def _mamba_variants() -> dict[str, dict]:
         for patch, img in ((8, 64),) if size == "tiny" else ((16, 224), (32, 224)):
             rows[f"defocus_mamba_{size}_patch{patch}_{img}"] = dict(args, patch_size=patch, img_size=img)
             if size != "large":
-                rows[f"causal_mamba_{size}_patch{patch}_{img}"] = dict(args, patch_size=patch, img_size=img, **_PLAIN_MAMBA)
+                plain = dict(args, patch_size=patch, img_size=img, **_PLAIN_MAMBA)
+                rows[f"causal_mamba_{size}_patch{patch}_{img}"] = plain
     return rows
 
 
@@ -80,8 +81,7 @@ def _make_entrypoint(name: str) -> Callable:
 def register_variants(family: str, variants: dict[str, dict]) -> None:
     """Add a family's variants to the table and to timm's registry (idempotent)."""
     from timm.models._pretrained import PretrainedCfg
-    from timm.models._registry import _model_default_cfgs, _model_pretrained_cfgs
-    from timm.models._registry import DefaultCfg
+    from timm.models._registry import DefaultCfg, _model_default_cfgs, _model_pretrained_cfgs
 
     module = sys.modules[__name__]
     for name, args in variants.items():
