@@ -214,7 +214,9 @@ def build_demo_data(root: str | Path | None = None, *, limit: int | None = None,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "build_seconds": round(time.time() - t0, 2),
             "sources": _source_versions(),
-            "clip_benchmark": {name: f"--dataset wds/{name} --dataset_root {root.resolve()}/{{dataset}}" for name in EVAL_SETS},
+            "clip_benchmark": {name: f"--dataset wds/{name} --dataset_root {root.resolve()}/{{dataset}}"
+                               + (" --task zeroshot_retrieval" if name.endswith("retrieval") else "")
+                               for name in EVAL_SETS},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(tmp, root)

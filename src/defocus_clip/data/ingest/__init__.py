@@ -7,8 +7,10 @@ Stages, as in img2dataset: `reader` (chunked metadata), `fetch` (bytes from path
 
 from .fetch import FetchConfig
 from .main import PrepConfig, prepare
+from .reshard import reshard
 from .resize import ResizeConfig, ResizeMode, SampleError, process_image
+from .verify import VerifyReport, verify_shards
 from .worker import CaptionConfig
 
 __all__ = ["PrepConfig", "prepare", "ResizeConfig", "ResizeMode", "FetchConfig", "CaptionConfig", "SampleError",
-           "process_image"]
+           "process_image", "reshard", "verify_shards", "VerifyReport"]

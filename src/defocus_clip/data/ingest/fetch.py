@@ -87,7 +87,7 @@ def download(url: str, cfg: FetchConfig) -> bytes:
             last = SampleError(f"http_{e.code}", f"HTTP {e.code} {e.reason}")
             if e.code not in RETRY_HTTP_CODES:
                 raise last from None
-        except (TimeoutError, socket.timeout) as e:
+        except TimeoutError as e:
             last = SampleError("download_timeout", f"timed out after {cfg.timeout}s: {e}")
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):

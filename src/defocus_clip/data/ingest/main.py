@@ -222,6 +222,8 @@ def prepare(cfg: PrepConfig) -> dict:
             try:
                 for task in tasks:
                     results.append(worker(task))
+                    if results[-1].error == "interrupted":  # the worker cleaned up its shard; stop the run
+                        raise KeyboardInterrupt
                     _report(results[-1])
             finally:
                 init_progress(None, None)  # type: ignore[arg-type]
