@@ -35,8 +35,11 @@ demo-data:  ## build the embedded Twemoji demo data set (training shards + clip-
 pretrain:  ## train RECIPE (default: demo, a small model on the demo data, CPU, minutes)
 	$(CLI) train --recipe $(RECIPE) --nproc $(NPROC) $(ARGS)
 
-eval:  ## zero-shot evaluation: make eval CKPT=run_dir_or_file DATA=imagenet1k,mscoco_captions
-	$(CLI) eval --checkpoint $(CKPT) --dataset $(subst $(comma), ,$(DATA)) $(ARGS)
+DATA ?= demo
+EVAL_OUT ?= results/eval/$(notdir $(patsubst %/,%,$(CKPT)))
+eval:  ## zero-shot evaluation: make eval CKPT=run_dir_or_file DATA=imagenet1k,mscoco_captions [ROOT='/data/{dataset}']
+	$(CLI) eval --checkpoint $(CKPT) --dataset $(subst $(comma), ,$(DATA)) $(if $(ROOT),--dataset-root '$(ROOT)') \
+		--output $(EVAL_OUT) $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo data set: {root}")
         print("  " + ", ".join(f"{k}={v}" for k, v in manifest["counts"].items()))
         print(f"  train: {root / 'train'}  (sizes.json; OpenCLIP --train-data '{root}/train/{{00000..N}}.tar')")
-        print(f"  clip-benchmark: --dataset wds/emoji_category --dataset_root {root}/{{dataset}}")
+        print(f"  clip-benchmark: --dataset wds/emoji_category --dataset_root {root}/wds/{{dataset}}")
         return 0
     if action == "verify":
         from .ingest.verify import verify_shards

@@ -11,7 +11,7 @@ LAION (`prepare`), and writes:
     <root>/wds/emoji_retrieval/    clip-benchmark wds/ image-text retrieval over the names
     <root>/manifest.json
 
-With clip-benchmark: `--dataset wds/emoji_category --dataset_root <root>/{dataset}`.
+With clip-benchmark: `--dataset wds/emoji_category --dataset_root <root>/wds/{dataset}`.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def build_demo_data(root: str | Path | None = None, *, limit: int | None = None,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "build_seconds": round(time.time() - t0, 2),
             "sources": _source_versions(),
-            "clip_benchmark": {name: f"--dataset wds/{name} --dataset_root {root.resolve()}/{{dataset}}"
+            "clip_benchmark": {name: f"--dataset wds/{name} --dataset_root {root.resolve()}/wds/{{dataset}}"
                                + (" --task zeroshot_retrieval" if name.endswith("retrieval") else "")
                                for name in EVAL_SETS},
         }

@@ -158,7 +158,12 @@ class TokenTower(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Final-normed token features (B, L+1, D) in sequence order (class token last for causal towers)."""
-        return self.norm(self.run_blocks(self.embed_tokens(x)))
+        return self.final_norm(self.run_blocks(self.embed_tokens(x)))
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm; the residual stream may be float32 while the weights were cast to bf16 (pure bf16)."""
+        weight = getattr(self.norm, "weight", None)
+        return self.norm(x if weight is None or torch.is_autocast_enabled() else x.to(weight.dtype))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x)
@@ -269,13 +274,14 @@ class TokenTower(nn.Module):
         for i, blk in enumerate(blocks):
             x = self.run_blocks_slice(x, [blk])
             if i in take:
-                y = self.norm(x) if norm else x
+                y = self.final_norm(x) if norm else x
                 img = y[:, self.image_token_slice()]
                 img = self.tokens_to_grid(img) if output_fmt == "NCHW" else img
-                intermediates.append((img, y[:, self.cls_index()]) if return_prefix_tokens else img)
+                cls = y[:, self.cls_index()].unsqueeze(1)  # (B, 1, D): timm's prefix-token layout
+                intermediates.append((img, cls) if return_prefix_tokens else img)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self.final_norm(x), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head=True):
         depth = len(self.blocks)
