@@ -10,9 +10,10 @@ import torch
 
 
 def rope_angles(freq: torch.Tensor, seq_len: int, scale: float = 1.0, offset: int = 0) -> torch.Tensor:
-    """Angles `pos * freq` of shape (L, F) in float32, with `pos = (offset + arange(L)) / scale`."""
-    pos = torch.arange(offset, offset + seq_len, device=freq.device, dtype=torch.float32) / scale
-    return pos[:, None] * freq.float()[None, :]
+    """Angles `pos * freq` (L, F), `pos = (offset + arange(L)) / scale`, in float32 (float64 if freq is float64)."""
+    dtype = torch.promote_types(freq.dtype, torch.float32)  # never below fp32; fp64 stays fp64
+    pos = torch.arange(offset, offset + seq_len, device=freq.device, dtype=dtype) / scale
+    return pos[:, None] * freq.to(dtype)[None, :]
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,6 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     `angles` broadcasts against `x` (..., L, F). Every feature index has its own angle, so when the two members of
     a pair carry different frequencies (the official De-focus Mamba layout) this is not an exact rotation.
     """
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, angles.dtype))
     out = xf * angles.cos() + rotate_every_two(xf) * angles.sin()
     return out.to(x.dtype)

@@ -1,6 +1,6 @@
 """Selective scan of Mamba (paper Eq. 2, 5): h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t . h_t.
 
-Three implementations behind one function, `selective_scan`, with the signature of `mamba_ssm`'s
+Four implementations behind one function, `selective_scan`, with the signature of `mamba_ssm`'s
 `selective_scan_fn` restricted to what De-focus Mamba uses (no D, no z, no delta bias or softplus):
 
     u, delta: (Bt, D, L)    A: (D, N)    B, C: (Bt, N, L)    ->    y: (Bt, D, L), float32
@@ -8,10 +8,13 @@ Three implementations behind one function, `selective_scan`, with the signature 
 - `"ref"`: `selective_scan_ref`, the token-by-token recurrence; a correctness reference, not for training.
 - `"torch"`: pure PyTorch, parallel over the sequence (Hillis-Steele scan, log2(L) steps) inside a custom
   autograd function whose backward recomputes the states instead of storing Bt*D*L*N tensors per layer.
-- `"cpp"`: a fused CPU kernel (`scan_cpu.py`), built on first use when a compiler is present.
+- `"cpp"`: a fused CPU kernel (`scan_cpu.py`), built on first use when a compiler is present; the De-focus Mamba
+  mixer uses its sibling that also fuses softplus, group norm, D skip and gate (`scan_cpu.defocus_chain_cpp`).
 - `"cuda"`: `mamba_ssm.selective_scan_fn` when importable and the inputs are on CUDA.
 
-`impl=None` picks automatically; the env var `DEFOCUS_SCAN_IMPL` (auto|ref|torch|cpp|cuda) overrides it.
+`impl=None` picks automatically (cuda for CUDA tensors, cpp for float32 CPU tensors, else torch); the env var
+`DEFOCUS_SCAN_IMPL` (auto|ref|torch|cpp|cuda) overrides it; an unknown name is a `ConfigError`, a named
+implementation that cannot run here a `ScanUnavailableError`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,16 @@ import os
 
 import torch
 
+from ..errors import ConfigError, DefocusError
+
 _logger = logging.getLogger(__name__)
 
 SCAN_IMPLS = ("auto", "ref", "torch", "cpp", "cuda")
 ENV_VAR = "DEFOCUS_SCAN_IMPL"
+
+
+class ScanUnavailableError(DefocusError, RuntimeError):
+    """A scan implementation was asked for by name but cannot run here (no kernel, wrong device)."""
 
 
 def selective_scan_ref(
@@ -110,28 +119,39 @@ def _mamba_ssm_fn():
     return selective_scan_fn
 
 
-def _cpp_fn():
+def _cpp_available() -> bool:
     from . import scan_cpu
 
-    return scan_cpu.selective_scan_cpp if scan_cpu.available() else None
+    return scan_cpu.available()
 
 
-def resolve_scan_impl(device: torch.device | str, impl: str | None = None) -> str:
-    """Which implementation `selective_scan` runs for tensors on `device` (the logic lives here only)."""
-    impl = impl or os.environ.get(ENV_VAR, "auto") or "auto"
+def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """Which implementation `selective_scan` runs for tensors on `device` (the selection logic lives here only).
+
+    `impl` (argument) wins over `DEFOCUS_SCAN_IMPL` (environment), which wins over "auto". Auto picks the CUDA
+    kernel for CUDA tensors, the fused C++ kernel for float32/bf16 CPU tensors, and the pure-PyTorch scan
+    otherwise (float64 stays on the pure-PyTorch path, as reference checks expect).
+    """
+    source = "argument impl" if impl else f"environment variable {ENV_VAR}"
+    impl = (impl or os.environ.get(ENV_VAR, "") or "auto").strip().lower()
     if impl not in SCAN_IMPLS:
-        raise ValueError(f"unknown scan implementation {impl!r} (from {ENV_VAR} or argument); valid: {SCAN_IMPLS}")
+        raise ConfigError(f"unknown scan implementation {impl!r} (from {source}); valid: {', '.join(SCAN_IMPLS)}")
     device = torch.device(device)
     if impl == "auto":
         if device.type == "cuda" and _mamba_ssm_fn() is not None:
             return "cuda"
-        if device.type == "cpu" and _cpp_fn() is not None:
+        if device.type == "cpu" and dtype != torch.float64 and _cpp_available():
             return "cpp"
         return "torch"
     if impl == "cuda" and (device.type != "cuda" or _mamba_ssm_fn() is None):
-        raise RuntimeError("scan implementation 'cuda' needs mamba_ssm installed and CUDA inputs")
-    if impl == "cpp" and (device.type != "cpu" or _cpp_fn() is None):
-        raise RuntimeError("scan implementation 'cpp' needs CPU inputs and a working C++ compiler (see scan_cpu.py)")
+        raise ScanUnavailableError(
+            f"scan implementation 'cuda' (from {source}) needs mamba_ssm installed and CUDA inputs"
+        )
+    if impl == "cpp" and (device.type != "cpu" or not _cpp_available()):
+        raise ScanUnavailableError(
+            f"scan implementation 'cpp' (from {source}) needs CPU inputs and a C++ compiler to build the fused kernel "
+            "(see the warning logged by defocus_clip.layers.scan_cpu); use 'torch' instead"
+        )
     return impl
 
 
@@ -143,13 +163,17 @@ def selective_scan(
     C: torch.Tensor,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Selective scan, float32 out. Shapes and implementations: see the module docstring."""
-    which = resolve_scan_impl(u.device, impl)
+    """Selective scan, float32 out (float64 for float64 inputs). Shapes and implementations: module docstring."""
+    which = resolve_scan_impl(u.device, impl, A.dtype)
     if which == "cuda":
         return _mamba_ssm_fn()(u, delta, A, B, C, delta_softplus=False).float()
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    if which == "cpp":  # float32 kernel
+        from .scan_cpu import selective_scan_cpp
+
+        u, delta, A, B, C = (t.float().contiguous() for t in (u, delta, A, B, C))
+        return selective_scan_cpp(u, delta, A, B, C)
+    dtype = torch.promote_types(A.dtype, torch.float32)  # float64 inputs stay float64 (reference checks)
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     if which == "ref":
         return selective_scan_ref(u, delta, A, B, C)
-    if which == "cpp":
-        return _cpp_fn()(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous())
     return selective_scan_torch(u, delta, A, B, C)

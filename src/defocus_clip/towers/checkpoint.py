@@ -9,6 +9,7 @@ the sizes from the tensor shapes.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,45 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # official training checkpoints also pickle the yacs config (and optimizer state) beside the weights
+            obj = _load_with_opaque_objects(path)
         except Exception as e:
             raise DataError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     return unwrap_state_dict(obj, str(path))
+
+
+class _Opaque(dict):
+    """Inert stand-in for any non-tensor object in a checkpoint (never imported, never executed)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _OpaqueUnpickler(pickle.Unpickler):
+    """Resolves only the globals that torch's weights-only loader allows; everything else becomes `_Opaque`."""
+
+    def find_class(self, module: str, name: str):
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        if f"{module}.{name}" in _get_allowed_globals():
+            return super().find_class(module, name)
+        return _Opaque
+
+
+class _OpaquePickleModule:
+    Unpickler = _OpaqueUnpickler
+    load = staticmethod(pickle.load)
+
+
+def _load_with_opaque_objects(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_OpaquePickleModule)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,9 +107,9 @@ def infer_mamba_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         a_log = sd["blocks.0.mixer.A_log"]  # (D, N)
         dt_proj = sd["blocks.0.mixer.dt_proj.weight"]  # (D, R)
         conv = sd["blocks.0.mixer.conv1d.weight"]  # (D, 1, k)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, IndexError) as e:
         raise DataError(
-            f"not a De-focus Mamba checkpoint in the official layout (missing {e}); expected keys like "
+            f"not a De-focus Mamba checkpoint in the official layout ({type(e).__name__}: {e}); expected keys like "
             "patch_embed.proj.weight, blocks.0.mixer.in_proj.weight, blocks.0.mixer.A_log"
         ) from e
     mlp_head = "head.0.weight" in sd
@@ -112,8 +149,24 @@ def load_official_defocus_mamba(
         rope_scale_factor=rope_scale_factor, **kwargs,
     )
     model = DefocusMamba(**cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise DataError(f"official checkpoint does not match the inferred model: missing {missing}, "
-                        f"unexpected {unexpected}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise DataError(
+            "official checkpoint does not match the model inferred from its shapes "
+            f"({_summary(cfg)}): missing {_few(missing)}, unexpected {_few(unexpected)}, wrong shape {_few(wrong)}"
+        )
+    model.load_state_dict(sd)
     return model.eval()
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return "none" if not names else ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _summary(cfg: dict) -> str:
+    keys = ("embed_dim", "depth", "d_inner", "d_state", "dt_rank", "patch_size", "num_classes", "head_type")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)

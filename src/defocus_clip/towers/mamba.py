@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from ..layers.rope import apply_rope, rope_angles
-from ..layers.scan import selective_scan
+from ..layers.scan import resolve_scan_impl, selective_scan
+from ..layers.scan_cpu import defocus_chain_cpp
 from .base import TokenTower
 
 
@@ -33,13 +34,14 @@ class RMSNormFp32(nn.RMSNorm):
     next linear layer."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (reference checks)
+        return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps)
 
 
 def group_rms_norm(y: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """y (B, D, L) / sqrt(mean(y^2) over each group of `group_size` channels + eps), per token, in float32."""
     b, d, length = y.shape
-    yg = y.float().view(b, d // group_size, group_size, length)
+    yg = y.to(torch.promote_types(y.dtype, torch.float32)).view(b, d // group_size, group_size, length)
     return (yg * torch.rsqrt(yg.pow(2).mean(dim=2, keepdim=True) + eps)).view(b, d, length)
 
 
@@ -99,11 +101,19 @@ class DefocusMambaMixer(nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
         u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length])  # causal conv: (B, D, L)
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float()).transpose(1, 2) / self.delta_scale_factor  # (B, D, L)
+        dt = self.dt_proj(dt)  # (B, L, D), before softplus
         if self.freq is not None:
             angles = rope_angles(self.freq, length, self.rope_scale_factor)  # (L, N) fp32
             B, C = apply_rope(B.float(), angles), apply_rope(C.float(), angles)
         A = -torch.exp(self.A_log.float())  # (D, N)
+        if resolve_scan_impl(x.device, self.scan_impl, self.A_log.dtype) == "cpp":
+            # one fused CPU pass: softplus, scan, group norm, D skip and gate, in the (B, L, D) layout of the linears
+            y = defocus_chain_cpp(
+                u.float().contiguous(), dt.float().contiguous(), A, B.float().contiguous(), C.float().contiguous(),
+                self.D.float(), z.float(), self.group_norm_size, self.delta_scale_factor,
+            )
+            return self.out_proj(y.to(self.out_proj.weight.dtype))
+        delta = F.softplus(dt.float()).transpose(1, 2) / self.delta_scale_factor  # (B, D, L)
         y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), impl=self.scan_impl)  # (B, D, L)
         if self.group_norm_size:
             y = group_rms_norm(y, self.group_norm_size)
@@ -122,9 +132,9 @@ class MambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 residual (fp64 after model.double())
         h = self.norm(x).to(self.mixer.in_proj.weight.dtype)  # weights may be cast to bf16 (DeepSpeed bf16)
-        return x + self.drop_path(self.mixer(h)).float()
+        return x + self.drop_path(self.mixer(h)).to(x.dtype)
 
 
 class DefocusMamba(TokenTower):
@@ -188,6 +198,9 @@ class DefocusMamba(TokenTower):
             self.head = _mlp_head(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
             if self.head2 is not None:
                 self.head2 = _mlp_head(embed_dim, num_classes)
+            for head in (self.head, self.head2):  # trunc-normal linears, as the official init of every head
+                if head is not None:
+                    head.apply(self._init_weights)
         elif head_type != "linear":
             raise ValueError(f"head_type must be 'linear' or 'mlp', got {head_type!r}")
 

@@ -61,6 +61,10 @@ def _pretrained_cfg(img_size: int) -> dict:
 
 def create_tower(name: str, pretrained: bool = False, **kwargs):
     """Build a registered tower by name (what each timm entry point does)."""
+    if name not in VARIANTS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown tower {name!r}; registered: {', '.join(sorted(VARIANTS))}")
     family, args = VARIANTS[name]
     cls = _family_class(family)
     return build_model_with_cfg(

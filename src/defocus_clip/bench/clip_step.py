@@ -1,0 +1,141 @@
+"""A full CLIP training step (image + text towers, loss, AdamW step) on CPU: images/s and peak step memory.
+
+Each model is measured as its recipe trains it: the De-focus towers through the trainer's `ClipTask` with the
+auxiliary loss (recipes/base32.yaml), OpenCLIP's ViT-B-32 with the plain CLIP loss (recipes/vit-b32.yaml).
+Every model and repeat runs in a fresh process, interleaved, and the medians are reported, so one model's
+allocations or a noisy neighbour do not bias the other. DeepSpeed is left out: on one process it adds bookkeeping,
+not compute.
+
+    python -m defocus_clip.bench.clip_step --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from .towers import _machine, _peak_mb, _reset_peak, _rss_mb
+
+DEFAULT_MODELS = ("DeFocus-Mamba-B-32", "ViT-B-32")
+BASELINE = "ViT-B-32"
+
+
+def measure(model_name: str, batch_size: int, steps: int, warmup: int, threads: int | None,
+            aux_weight: float | None = None) -> dict:
+    """One model in this process: median training-step time, images/s, peak step memory."""
+    import open_clip
+    import torch
+
+    import defocus_clip  # noqa: F401
+    from ..train.engine import param_groups
+    from ..train.task import ClipTask, supports_pooled
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(model_name)
+    if aux_weight is None:
+        aux_weight = 1.0 if supports_pooled(clip) else 0.0
+    task = ClipTask(clip, model_name, aux_weight=aux_weight).train()
+    opt = torch.optim.AdamW(param_groups(task, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch_size, 3, size, size)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    texts = tokenizer([f"a photo of object number {i}" for i in range(batch_size)])
+
+    def step():
+        losses = task(images, texts)
+        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    base = _rss_mb()
+    exact = _reset_peak() and base is not None
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _peak_mb()
+    step_s = statistics.median(times)
+    return {"model": model_name, "params_m": round(sum(p.numel() for p in task.parameters()) / 1e6, 2),
+            "image_size": size, "aux_loss": aux_weight > 0, "step_s": round(step_s, 4),
+            "step_times_s": [round(t, 4) for t in times], "img_s": round(batch_size / step_s, 2),
+            "peak_step_mb": round(peak - base, 1) if exact else None, "peak_rss_mb": round(peak, 1),
+            "threads": torch.get_num_threads()}
+
+
+def _run_worker(model: str, batch_size: int, steps: int, warmup: int, threads: int | None) -> dict:
+    cmd = [sys.executable, "-m", "defocus_clip.bench.clip_step", "--worker", model, "--batch-size",
+           str(batch_size), "--steps", str(steps), "--warmup", str(warmup)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"CLIP step benchmark of {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 1, repeats: int = 3,
+                    models: list[str] | None = None, threads: int | None = None) -> dict:
+    """Median images/s and peak step memory of a CLIP training step per model, with ratios to ViT-B-32."""
+    models = list(models or DEFAULT_MODELS)
+    runs: dict[str, list[dict]] = {m: [] for m in models}
+    for _ in range(repeats):
+        for m in models:  # interleaved: drift in machine load hits every model alike
+            runs[m].append(_run_worker(m, batch_size, steps, warmup, threads))
+    rows = []
+    for m, rs in runs.items():
+        peaks = [r["peak_step_mb"] for r in rs if r["peak_step_mb"] is not None]
+        rows.append({**{k: rs[0][k] for k in ("model", "params_m", "image_size", "aux_loss", "threads")},
+                     "img_s": round(statistics.median(r["img_s"] for r in rs), 2),
+                     "img_s_all": [r["img_s"] for r in rs],
+                     "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None})
+    base = next((r for r in rows if r["model"] == BASELINE), None)
+    for r in rows:
+        r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3) if base else None
+        r["memory_ratio"] = (round(r["peak_step_mb"] / base["peak_step_mb"], 3)
+                             if base and r["peak_step_mb"] and base["peak_step_mb"] else None)
+    return {"benchmark": "clip_step", "batch_size": batch_size, "steps": steps, "repeats": repeats,
+            "baseline": BASELINE if base else None, "machine": _machine(), "rows": rows}
+
+
+def format_clip_step(result: dict) -> str:
+    lines = [f"CLIP training step, batch {result['batch_size']} (median of {result['repeats']} processes x "
+             f"{result['steps']} steps), CPU: {result['machine']['cpu']}",
+             f"{'model':24s} {'params M':>9s} {'img/s':>8s} {'x ViT':>7s} {'peak MB':>9s} {'x ViT':>7s}  aux"]
+    for r in result["rows"]:
+        mem = f"{r['peak_step_mb']:9.0f}" if r["peak_step_mb"] is not None else f"{'-':>9s}"
+        sr = f"{r['speed_ratio']:7.3f}" if r["speed_ratio"] is not None else f"{'-':>7s}"
+        mr = f"{r['memory_ratio']:7.3f}" if r["memory_ratio"] is not None else f"{'-':>7s}"
+        lines.append(f"{r['model']:24s} {r['params_m']:9.2f} {r['img_s']:8.2f} {sr} {mem} {mr}  "
+                     f"{'yes' if r['aux_loss'] else 'no'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--models", nargs="+")
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(measure(a.worker, a.batch_size, a.steps, a.warmup, a.threads)))
+        return 0
+    print(format_clip_step(bench_clip_step(a.batch_size, a.steps, a.warmup, a.repeats, a.models, a.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Image-tower training throughput: forward+backward images/s and peak step memory on CPU, vs OpenCLIP ViT-B-32.
+
+Method (docs/benchmarks.md): every (model, repeat) runs in a fresh Python process, repeats interleaved across the
+models (A B C, B C A, ...) so that load changes on a shared machine hit all models alike; each process builds the
+tower in train mode (random init), runs `warmup` untimed and `steps` timed steps of forward + `square().mean()`
+loss + backward (no optimizer step) on random images, and reports the median step time. Memory: the process's
+peak resident set (Linux `VmHWM`, reset through /proc/self/clear_refs after the model is built) minus the resident
+set with the model and the batch in memory, i.e. activations + gradients + workspace of one training step.
+`tracemalloc` cannot see torch's allocations, which is why RSS is used; without /proc the max RSS from
+`getrusage` is used instead (it then also counts the model build).
+
+    python -m defocus_clip.bench.towers [--models ViT-B-32 DeFocus-Mamba-B-32] [--batch-size 8]
+    python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASELINE = "clip:ViT-B-32"
+GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
+GOAL_RATIO = 0.9
+# towers of the other families, measured when their timm names are registered
+_OPTIONAL_TIMM = ("defocus_vit_base_patch32_224", "defocus_retnet_base_patch32_224")
+
+
+def default_models() -> list[str]:
+    """The baseline first, then the B/32 De-focus towers that exist in this checkout."""
+    import timm
+
+    import defocus_clip  # noqa: F401  (registers the towers and configs)
+
+    models = [BASELINE, GOAL_MODEL, "clip:Causal-Mamba-B-32"]
+    registered = set(timm.list_models())
+    return models + [f"timm:{n}" for n in _OPTIONAL_TIMM if n in registered]
+
+
+def resolve_spec(spec: str) -> str:
+    """'clip:NAME' / 'timm:NAME' as given; a bare name is an OpenCLIP config if one exists, else a timm model."""
+    import open_clip
+    import timm
+
+    import defocus_clip  # noqa: F401
+
+    from ..errors import ConfigError
+
+    kind, _, name = spec.partition(":") if spec.startswith(("clip:", "timm:")) else ("", "", spec)
+    if kind == "clip" or (not kind and name in open_clip.list_models()):
+        if name not in open_clip.list_models():
+            raise ConfigError(f"unknown OpenCLIP model {name!r} in --models; e.g. {open_clip.list_models()[:5]}")
+        return f"clip:{name}"
+    if name not in timm.list_models():
+        raise ConfigError(f"--models: {name!r} is neither an OpenCLIP config nor a timm model")
+    return f"timm:{name}"
+
+
+def build_tower(spec: str, image_size: int):
+    """The image tower alone: OpenCLIP's `model.visual` (with its projection) or a timm model without head."""
+    import gc
+
+    import open_clip
+    import timm
+
+    import defocus_clip  # noqa: F401
+
+    kind, _, name = spec.partition(":")
+    if kind == "clip":
+        clip = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+        tower = clip.visual
+        del clip
+    else:
+        tower = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+    gc.collect()
+    return tower.train()
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return None
+
+
+def _reset_peak() -> bool:
+    try:  # "5": reset the peak resident set size (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
+    """One model in this process: median forward+backward step time, images/s and peak step memory."""
+    import torch
+
+    from ..layers.scan import resolve_scan_impl
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tower = build_tower(spec, image_size)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    params = sum(p.numel() for p in tower.parameters())
+
+    def step():
+        tower(images).float().square().mean().backward()
+        tower.zero_grad(set_to_none=True)
+
+    base = _rss_mb()
+    exact = _reset_peak() and base is not None
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _peak_mb()
+    step_s = statistics.median(times)
+    return {
+        "model": spec, "params_m": round(params / 1e6, 2), "step_s": round(step_s, 4),
+        "step_times_s": [round(t, 4) for t in times], "img_s": round(batch_size / step_s, 2),
+        "peak_step_mb": round(peak - base, 1) if exact else None, "peak_rss_mb": round(peak, 1),
+        "threads": torch.get_num_threads(), "scan_impl": resolve_scan_impl("cpu"),
+    }
+
+
+def _run_worker(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
+    cmd = [sys.executable, "-m", "defocus_clip.bench.towers", "--worker", spec, "--batch-size", str(batch_size),
+           "--image-size", str(image_size), "--steps", str(steps), "--warmup", str(warmup)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, warmup: int = 1, repeats: int = 3,
+                 models: list[str] | None = None, threads: int | None = None) -> dict:
+    """Interleaved repeats of `measure` in fresh processes; medians and ratios against ViT-B-32."""
+    from ..layers import scan_cpu
+
+    specs = [resolve_spec(m) for m in models] if models else default_models()
+    if BASELINE not in specs:
+        specs.insert(0, BASELINE)
+    scan_cpu.available()  # build (or load) the fused kernel once here, not inside a timed worker
+    machine = _machine()
+    runs: dict[str, list[dict]] = {s: [] for s in specs}
+    for r in range(repeats):
+        order = specs[r % len(specs):] + specs[: r % len(specs)]  # rotate: no model always runs first
+        for spec in order:
+            runs[spec].append(_run_worker(spec, batch_size, image_size, steps, warmup, threads))
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    rows = {}
+    for spec, rs in runs.items():
+        peaks = [x["peak_step_mb"] for x in rs if x["peak_step_mb"] is not None]
+        rows[spec] = {"params_m": rs[0]["params_m"], "img_s": round(statistics.median(x["img_s"] for x in rs), 2),
+                      "img_s_runs": [x["img_s"] for x in rs],
+                      "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None,
+                      "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs), 1)}
+    base = rows[BASELINE]
+    for row in rows.values():
+        row["speed_ratio"] = round(row["img_s"] / base["img_s"], 3)
+        row["memory_ratio"] = (round(row["peak_step_mb"] / base["peak_step_mb"], 3)
+                               if row["peak_step_mb"] and base["peak_step_mb"] else None)
+    return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "warmup": warmup, "repeats": repeats,
+            "threads": runs[BASELINE][0]["threads"], "scan_impl": runs[BASELINE][0]["scan_impl"],
+            "machine": machine, "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO},
+            "models": rows}
+
+
+def format_towers(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"towers: batch {result['batch_size']}, {result['image_size']} px, fp32 forward+backward, "
+             f"{result['threads']} threads, scan={result['scan_impl']}, {result['repeats']} interleaved repeats x "
+             f"{result['steps']} steps (medians)",
+             f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
+             f"load average {m['loadavg']} -> {m['loadavg_end']}",
+             f"  {'model':<40} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'step MB':>8} {'vs ViT':>7}"]
+    for spec, r in result["models"].items():
+        mem = f"{r['peak_step_mb']:8.0f}" if r["peak_step_mb"] is not None else f"{'-':>8}"
+        mratio = f"{r['memory_ratio']:7.2f}" if r["memory_ratio"] is not None else f"{'-':>7}"
+        lines.append(f"  {spec:<40} {r['params_m']:8.1f} {r['img_s']:8.2f} {r['speed_ratio']:7.2f} {mem} {mratio}")
+    goal = result["goal"]
+    if goal["model"] in result["models"]:
+        ratio = result["models"][goal["model"]]["speed_ratio"]
+        verdict = "meets" if ratio >= goal["ratio"] else "below"
+        lines.append(f"  {goal['model']} / {result['baseline']} throughput ratio: {ratio:.2f} "
+                     f"({verdict} the goal >= {goal['ratio']})")
+    return "\n".join(lines)
+
+
+def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, row_limit: int = 25,
+                  threads: int | None = None) -> str:
+    """torch.profiler table (self CPU time per op) of `steps` forward+backward steps after one warm-up step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    tower = build_tower(resolve_spec(spec), image_size)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+
+    def step():
+        tower(images).float().square().mean().backward()
+        tower.zero_grad(set_to_none=True)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m defocus_clip.bench.towers", description=__doc__.split("\n")[0])
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
+    p.add_argument("--profile", default=None, metavar="MODEL", help="print a per-op torch.profiler table")
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
+    elif a.profile:
+        print(profile_tower(a.profile, a.batch_size, a.image_size, a.steps, threads=a.threads))
+    else:
+        print(format_towers(bench_towers(a.batch_size, a.image_size, a.steps, a.warmup, a.repeats, a.models,
+                                         a.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
