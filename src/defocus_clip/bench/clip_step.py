@@ -31,6 +31,7 @@ def measure(model_name: str, batch_size: int, steps: int, warmup: int, threads: 
     import torch
 
     import defocus_clip  # noqa: F401
+
     from ..train.engine import param_groups
     from ..train.task import ClipTask, supports_pooled
 
@@ -92,7 +93,7 @@ def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 1, repea
         for m in models:  # interleaved: drift in machine load hits every model alike
             runs[m].append(_run_worker(m, batch_size, steps, warmup, threads))
     rows = []
-    for m, rs in runs.items():
+    for rs in runs.values():
         peaks = [r["peak_step_mb"] for r in rs if r["peak_step_mb"] is not None]
         rows.append({**{k: rs[0][k] for k in ("model", "params_m", "image_size", "aux_loss", "threads")},
                      "img_s": round(statistics.median(r["img_s"] for r in rs), 2),

@@ -18,7 +18,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -114,6 +113,3 @@ def load(engine, run_dir: Path, tag: str | None = None) -> dict | None:
     client_state["tag"] = tag
     return client_state
 
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}

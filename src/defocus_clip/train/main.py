@@ -112,82 +112,79 @@ def train(recipe: str | None, *, overrides: list[str] = (), output: str | None =
     if max_steps is not None:
         cfg.schedule.max_steps = max_steps
         cfg.validate()
-    dist_info = init_distributed()
+    dist_info = init_distributed()  # stays up after return: DeepSpeed caches its groups (see shutdown())
+    output = _broadcast(output or _default_output(cfg), dist_info)
+    run_dir = Path(output)
+    if resume is None and ckpt.latest_tag(run_dir / "checkpoints") is not None:
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume latest to continue "
+                          f"it, or another --output")
+    micro = micro_batch_size(cfg, dist_info.world_size)
+    accum = cfg.schedule.global_batch_size // (micro * dist_info.world_size)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    clip, preprocess_train, preprocess_val, tokenizer = build_model(cfg)
+    if cfg.drop_path.schedule != "none" and not supports_drop_path_schedule(clip):
+        raise ConfigError(f"drop_path.schedule={cfg.drop_path.schedule!r} needs a tower with "
+                          f"set_drop_path_rate (the De-focus towers); {cfg.model.name!r} has none: set "
+                          f"drop_path.schedule=none")
+    task = ClipTask(clip, cfg.model.name, cfg.aux_loss.weight, rank=dist_info.rank,
+                    world_size=dist_info.world_size)
+
+    if cfg.data.source == "demo":  # build once (rank 0), the others wait and reuse it
+        if dist_info.is_main:
+            demo_root()
+        dist.barrier()
+    image_size = clip.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    data = build_train_data(cfg, preprocess=preprocess_train, tokenizer=tokenizer, image_size=image_size,
+                            micro_batch=micro, rank=dist_info.rank)
+    steps_per_epoch = max(1, math.ceil(data.samples_per_epoch / cfg.schedule.global_batch_size))
+    total_steps = steps_per_epoch * cfg.schedule.epochs
+    end_step = min(total_steps, cfg.schedule.max_steps or total_steps)
+
+    engine = build_engine(task, cfg, dist_info)
+    state = LoopState()
+    resumed = None
+    if resume is not None:
+        resumed = ckpt.load(engine, run_dir, None if resume == "latest" else resume)
+        if resumed is None:
+            log.info("--resume %s: no checkpoint in %s yet, starting fresh", resume, run_dir / "checkpoints")
+        else:
+            state.step = int(resumed["step"])
+            state.micro_in_epoch = int(resumed["micro_in_epoch"])
+            state.nonfinite_total = int(resumed.get("nonfinite_total", 0))
+            state.corrupt_before = int(resumed.get("corrupt_samples", 0))
+            log.info("resumed %s at step %d (epoch %d)", resumed["tag"], state.step, resumed["epoch"])
+
+    preprocess_cfg = getattr(clip.visual, "preprocess_cfg", {})
+    preprocess_cfg = dict(preprocess_cfg) if isinstance(preprocess_cfg, dict) else asdict(preprocess_cfg)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_files(run_dir, cfg, dist_info.world_size)
+        log.info("run %s: %s, %d steps (%d/epoch x %d epochs%s), global batch %d = %d x %d process(es) x %d "
+                 "accumulation, %d samples/epoch", run_dir, cfg.model.name, total_steps, steps_per_epoch,
+                 cfg.schedule.epochs, f", stopping at {end_step}" if end_step < total_steps else "",
+                 cfg.schedule.global_batch_size, micro, dist_info.world_size, accum, data.samples_per_epoch)
+    metrics = MetricsLog(run_dir, dist_info.is_main, cfg.logging.tensorboard,
+                         state.step if resumed is not None else None)
+    evaluate = _make_evaluator(cfg, engine, preprocess_val, tokenizer, dist_info, metrics)
+    t0 = time.time()
     try:
-        output = _broadcast(output or _default_output(cfg), dist_info)
-        run_dir = Path(output)
-        if resume is None and ckpt.latest_tag(run_dir / "checkpoints") is not None:
-            raise ConfigError(f"{run_dir} already holds a run with checkpoints; pass --resume latest to continue "
-                              f"it, or another --output")
-        micro = micro_batch_size(cfg, dist_info.world_size)
-        accum = cfg.schedule.global_batch_size // (micro * dist_info.world_size)
-
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        clip, preprocess_train, preprocess_val, tokenizer = build_model(cfg)
-        if cfg.drop_path.schedule != "none" and not supports_drop_path_schedule(clip):
-            raise ConfigError(f"drop_path.schedule={cfg.drop_path.schedule!r} needs a tower with "
-                              f"set_drop_path_rate (the De-focus towers); {cfg.model.name!r} has none: set "
-                              f"drop_path.schedule=none")
-        task = ClipTask(clip, cfg.model.name, cfg.aux_loss.weight, rank=dist_info.rank,
-                        world_size=dist_info.world_size)
-
-        if cfg.data.source == "demo":  # build once (rank 0), the others wait and reuse it
-            if dist_info.is_main:
-                demo_root()
-            dist.barrier()
-        image_size = clip.visual.image_size
-        image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-        data = build_train_data(cfg, preprocess=preprocess_train, tokenizer=tokenizer, image_size=image_size,
-                                micro_batch=micro, rank=dist_info.rank)
-        steps_per_epoch = max(1, math.ceil(data.samples_per_epoch / cfg.schedule.global_batch_size))
-        total_steps = steps_per_epoch * cfg.schedule.epochs
-        end_step = min(total_steps, cfg.schedule.max_steps or total_steps)
-
-        engine = build_engine(task, cfg, dist_info)
-        state = LoopState()
-        resumed = None
-        if resume is not None:
-            resumed = ckpt.load(engine, run_dir, None if resume == "latest" else resume)
-            if resumed is None:
-                log.info("--resume %s: no checkpoint in %s yet, starting fresh", resume, run_dir / "checkpoints")
-            else:
-                state.step = int(resumed["step"])
-                state.micro_in_epoch = int(resumed["micro_in_epoch"])
-                state.nonfinite_total = int(resumed.get("nonfinite_total", 0))
-                state.corrupt_before = int(resumed.get("corrupt_samples", 0))
-                log.info("resumed %s at step %d (epoch %d)", resumed["tag"], state.step, resumed["epoch"])
-
-        preprocess_cfg = getattr(clip.visual, "preprocess_cfg", {})
-        preprocess_cfg = dict(preprocess_cfg) if isinstance(preprocess_cfg, dict) else asdict(preprocess_cfg)
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_run_files(run_dir, cfg, dist_info.world_size)
-            log.info("run %s: %s, %d steps (%d/epoch x %d epochs%s), global batch %d = %d x %d process(es) x %d "
-                     "accumulation, %d samples/epoch", run_dir, cfg.model.name, total_steps, steps_per_epoch,
-                     cfg.schedule.epochs, f", stopping at {end_step}" if end_step < total_steps else "",
-                     cfg.schedule.global_batch_size, micro, dist_info.world_size, accum, data.samples_per_epoch)
-        metrics = MetricsLog(run_dir, dist_info.is_main, cfg.logging.tensorboard,
-                             state.step if resumed is not None else None)
-        evaluate = _make_evaluator(cfg, engine, preprocess_val, tokenizer, dist_info, metrics)
-        t0 = time.time()
-        try:
-            state = train_loop(engine=engine, cfg=cfg, data=data, dist_info=dist_info, run_dir=run_dir, state=state,
-                               steps_per_epoch=steps_per_epoch, total_steps=total_steps, end_step=end_step,
-                               accum=accum, model_name=cfg.model.name, preprocess_cfg=preprocess_cfg,
-                               evaluate=evaluate, metrics=metrics)
-            results = evaluate(state.step) if (evaluate is not None and cfg.eval.at_end) else None
-        finally:
-            metrics.close()
-        summary = {"run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
-                   "first_loss": state.history[0] if state.history else None,
-                   "last_loss": state.history[-1] if state.history else None, "eval": results,
-                   "seconds": round(time.time() - t0, 1), "nonfinite_skipped": state.nonfinite_total,
-                   "corrupt_samples": _corrupt_total(data, state, dist_info)}
-        if dist_info.is_main:
-            _print_summary(summary)
-        return summary
+        state = train_loop(engine=engine, cfg=cfg, data=data, dist_info=dist_info, run_dir=run_dir, state=state,
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, end_step=end_step,
+                           accum=accum, model_name=cfg.model.name, preprocess_cfg=preprocess_cfg,
+                           evaluate=evaluate, metrics=metrics)
+        results = evaluate(state.step) if (evaluate is not None and cfg.eval.at_end) else None
     finally:
-        pass  # the process group stays up for another in-process run (DeepSpeed caches its groups): shutdown()
+        metrics.close()
+    summary = {"run_dir": str(run_dir), "steps": state.step, "total_steps": total_steps,
+               "first_loss": state.history[0] if state.history else None,
+               "last_loss": state.history[-1] if state.history else None, "eval": results,
+               "seconds": round(time.time() - t0, 1), "nonfinite_skipped": state.nonfinite_total,
+               "corrupt_samples": _corrupt_total(data, state, dist_info)}
+    if dist_info.is_main:
+        _print_summary(summary)
+    return summary
 
 
 def shutdown() -> None:
