@@ -21,6 +21,14 @@ from ..layers.drop_path import set_drop_path_rates
 from ..layers.token_order import inverse_order, section_order
 
 
+def reject_unknown_kwargs(name: str, kwargs: dict) -> None:
+    """timm passes these to every entry point; anything else is a user typo and should fail loudly."""
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
+        kwargs.pop(k, None)
+    if kwargs:
+        raise TypeError(f"{name} got unexpected arguments: {sorted(kwargs)}")
+
+
 def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
 

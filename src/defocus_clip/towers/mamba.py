@@ -20,7 +20,7 @@ from timm.layers import DropPath, trunc_normal_
 from ..layers.rope import apply_rope, rope_angles
 from ..layers.scan import resolve_scan_impl, selective_scan
 from ..layers.scan_cpu import defocus_chain_cpp
-from .base import TokenTower
+from .base import TokenTower, reject_unknown_kwargs
 
 
 def official_rope_freq(d_state: int) -> torch.Tensor:
@@ -171,7 +171,7 @@ class DefocusMamba(TokenTower):
         scan_impl: str | None = None,
         **kwargs,
     ):
-        _reject_unknown(type(self).__name__, kwargs)
+        reject_unknown_kwargs(type(self).__name__, kwargs)
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             num_classes=num_classes, global_pool=global_pool, aux_head=aux_head, sections=sections,
@@ -222,11 +222,3 @@ class DefocusMamba(TokenTower):
 
 def _mlp_head(dim: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 3 * dim), nn.Tanh(), nn.Linear(3 * dim, num_classes))
-
-
-def _reject_unknown(name: str, kwargs: dict) -> None:
-    """timm passes these to every entry point; anything else is a user typo and should fail loudly."""
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
-        kwargs.pop(k, None)
-    if kwargs:
-        raise TypeError(f"{name} got unexpected arguments: {sorted(kwargs)}")

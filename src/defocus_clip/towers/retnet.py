@@ -30,8 +30,7 @@ from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 
 from ..errors import ConfigError
 from ..layers.bandpass import BandpassFilter
-from .base import TokenTower
-from .mamba import _reject_unknown
+from .base import TokenTower, reject_unknown_kwargs
 from .vit import LN_EPS6
 
 RETENTION_MODES = ("parallel", "recurrent")
@@ -186,7 +185,7 @@ class DefocusRetNet(TokenTower):
         sections: int = 1,
         **kwargs,
     ):
-        _reject_unknown(type(self).__name__, kwargs)
+        reject_unknown_kwargs(type(self).__name__, kwargs)
         if depth < 1:
             raise ConfigError(f"depth must be >= 1, got {depth}")
         if embed_dim % num_heads:

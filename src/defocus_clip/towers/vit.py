@@ -26,8 +26,7 @@ from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc
 
 from ..errors import ConfigError
 from ..layers.bandpass import BandpassFilter
-from .base import TokenTower
-from .mamba import _reject_unknown
+from .base import TokenTower, reject_unknown_kwargs
 
 LN_EPS6 = partial(nn.LayerNorm, eps=1e-6)  # DeiT's norm
 
@@ -172,7 +171,7 @@ class DefocusViT(TokenTower):
         sections: int = 1,
         **kwargs,
     ):
-        _reject_unknown(type(self).__name__, kwargs)
+        reject_unknown_kwargs(type(self).__name__, kwargs)
         if depth < 1:
             raise ConfigError(f"depth must be >= 1, got {depth}")
         if embed_dim % num_heads:
