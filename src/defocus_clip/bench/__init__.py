@@ -43,7 +43,7 @@ BENCHMARKS: list[Benchmark] = [
     Benchmark("shards", "shard writing (`prepare`) images/s against Pillow's floor",
               "defocus_clip.bench.shards", "bench_shard_writing", "format_shard_bench"),
     Benchmark("clip", "CLIP training step (both towers, loss, optimizer) vs OpenCLIP ViT-B-32",
-              "defocus_clip.bench.clip", "bench_clip_step", "format_clip_step"),
+              "defocus_clip.bench.clip_step", "bench_clip_step", "format_clip_step"),
 ]
 
 

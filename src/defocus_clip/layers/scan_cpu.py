@@ -7,8 +7,10 @@ builds by several processes (test workers, DeepSpeed ranks) safe. No compiler, o
 warning and `available() == False`: callers then use the pure-PyTorch scan. `DEFOCUS_SCAN_CPP_BUILD=0` skips
 the build attempt altogether.
 
-Two ops, each an autograd function:
+Three ops, each an autograd function:
 - `selective_scan_cpp(u, delta, A, B, C)`: the plain scan, shapes as `scan.selective_scan`.
+- `causal_conv_silu_cpp(x, weight, bias)`: SiLU(causal depthwise conv1d + bias) along the tokens, in the (Bt, L, D)
+  layout of the linears (no transposed copies, no mkldnn conv backward); x may be the u half of the in_proj output.
 - `defocus_chain_cpp(u, dt, A, B, C, D, z, group_size, delta_scale)`: softplus(dt) / delta_scale -> scan ->
   group RMS norm -> + D u -> * SiLU(z) in one pass, reading and writing the (Bt, L, D) layout of the linears.
 """
@@ -100,6 +102,28 @@ def selective_scan_cpp(u, delta, A, B, C) -> torch.Tensor:
     return _ScanFn.apply(u, delta, A, B, C)
 
 
+class _CausalConvSiluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return _module().conv_fwd(x, weight, bias)[0]
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        return tuple(_module().conv_bwd(x, weight, bias, dout.contiguous()))
+
+
+def causal_conv_silu_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(bias + sum_k weight[:, k] x[:, t + k - (K - 1)]) (zero-padded on the left): `F.silu(conv1d(x^T,
+    weight, bias, padding=K - 1, groups=D)[..., :L])^T` without the transposes.
+
+    x (Bt, L, D) float32 with unit channel stride (a channel slice of a wider tensor is read in place); weight (D, K)
+    and bias (D,) contiguous float32. Returns (Bt, L, D) contiguous; gradients for all three.
+    """
+    return _CausalConvSiluFn.apply(x, weight, bias)
+
+
 class _DefocusChainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, z, group_size, delta_scale):
@@ -128,7 +152,7 @@ def defocus_chain_cpp(
 ) -> torch.Tensor:
     """(group_rms_norm(scan(u, softplus(dt) / delta_scale, A, B, C)) + D u) * silu(z), float32, fused.
 
-    u (Bt, D, L) contiguous; dt, z (Bt, L, D) (z may be a channel slice of a wider tensor); B, C (Bt, L, N)
-    contiguous; A (D, N); D (D,); group_size 0 skips the group norm. Returns (Bt, L, D).
+    u, dt (Bt, L, D) contiguous; z (Bt, L, D) with unit channel stride (may be a channel slice of a wider tensor);
+    B, C (Bt, L, N) contiguous; A (D, N); D (D,); group_size 0 skips the group norm. Returns (Bt, L, D).
     """
     return _DefocusChainFn.apply(u, dt, A, B, C, D, z, int(group_size), float(delta_scale))

@@ -19,7 +19,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..layers.rope import apply_rope, rope_angles
 from ..layers.scan import resolve_scan_impl, selective_scan
-from ..layers.scan_cpu import defocus_chain_cpp
+from ..layers.scan_cpu import causal_conv_silu_cpp, defocus_chain_cpp
 from .base import TokenTower, reject_unknown_kwargs
 
 
@@ -97,6 +97,8 @@ class DefocusMambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, dim) -> (B, L, dim)."""
+        if resolve_scan_impl(x.device, self.scan_impl, self.A_log.dtype) == "cpp":
+            return self._forward_cpp(x)
         length = x.shape[1]
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
         u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length])  # causal conv: (B, D, L)
@@ -106,13 +108,6 @@ class DefocusMambaMixer(nn.Module):
             angles = rope_angles(self.freq, length, self.rope_scale_factor)  # (L, N) fp32
             B, C = apply_rope(B.float(), angles), apply_rope(C.float(), angles)
         A = -torch.exp(self.A_log.float())  # (D, N)
-        if resolve_scan_impl(x.device, self.scan_impl, self.A_log.dtype) == "cpp":
-            # one fused CPU pass: softplus, scan, group norm, D skip and gate, in the (B, L, D) layout of the linears
-            y = defocus_chain_cpp(
-                u.float().contiguous(), dt.float().contiguous(), A, B.float().contiguous(), C.float().contiguous(),
-                self.D.float(), z.float(), self.group_norm_size, self.delta_scale_factor,
-            )
-            return self.out_proj(y.to(self.out_proj.weight.dtype))
         delta = F.softplus(dt.float()).transpose(1, 2) / self.delta_scale_factor  # (B, D, L)
         y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), impl=self.scan_impl)  # (B, D, L)
         if self.group_norm_size:
@@ -120,6 +115,26 @@ class DefocusMambaMixer(nn.Module):
         y = y + u.float() * self.D.float()[:, None]
         y = y * F.silu(z.float()).transpose(1, 2)
         return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))  # autocast casts further if on
+
+    def _forward_cpp(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward above with the fused CPU kernels, everything in the (B, L, D) layout of the linears: causal
+        conv + SiLU reads the u half of the in_proj output in place; softplus, scan, group norm, D skip and gate are
+        one pass. Same parameters, same function (tests/towers/test_reference.py checks both against float64)."""
+        length = x.shape[1]
+        u, z = self.in_proj(x).float().chunk(2, dim=-1)  # (B, L, D) views, rows of stride 2D
+        w = self.conv1d.weight.float().flatten(1)  # (D, K)
+        u = causal_conv_silu_cpp(u, w, self.conv1d.bias.float())  # (B, L, D) contiguous
+        dt, B, C = self.x_proj(u.to(self.x_proj.weight.dtype)).split([self.dt_rank, self.d_state, self.d_state], -1)
+        dt = self.dt_proj(dt)  # (B, L, D), before softplus
+        if self.freq is not None:
+            angles = rope_angles(self.freq, length, self.rope_scale_factor)  # (L, N) fp32
+            B, C = apply_rope(B.float(), angles), apply_rope(C.float(), angles)
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        y = defocus_chain_cpp(
+            u, dt.float().contiguous(), A, B.float().contiguous(), C.float().contiguous(), self.D.float(), z,
+            self.group_norm_size, self.delta_scale_factor,
+        )
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
 
 
 class MambaBlock(nn.Module):

@@ -4,14 +4,18 @@
 // pass over L per (batch, channel) keeps the N states in registers. The backward recomputes the states of one
 // channel into a thread-local L*N buffer instead of storing them for the whole batch.
 //
-// Two entry points, both float32 and contiguous:
+// Three entry points, float32:
 //  * scan_fwd / scan_bwd: the plain scan. u, delta (Bt, D, L); A (D, N); B, C (Bt, L, N) (token-major, so that
 //    the N states of one token are contiguous and vectorise).
+//  * conv_fwd / conv_bwd: causal depthwise conv (kernel K) + bias + SiLU along L in the (Bt, L, D) layout of the
+//    linears (x may be the u half of the in_proj output: rows of stride 2D). Replaces conv1d on a transposed copy.
 //  * defocus_fwd / defocus_bwd: the whole chain of a De-focus Mamba mixer between the projections, per group of
 //    G channels of one image (the group RMS norm couples the channels of a group):
-//        delta = softplus(dt) / delta_scale                    dt, z, out: (Bt, L, D) (the layout of the linears)
-//        y = scan(u, delta, A, B, C)                          u: (Bt, D, L) (the layout of the depthwise conv)
+//        delta = softplus(dt) / delta_scale                    u, dt, z, out: (Bt, L, D) (the layout of the linears)
+//        y = scan(u, delta, A, B, C)
 //        out = (group_rms_norm(y) + D u) * silu(z)            G = 0: no group norm (the plain Mamba baseline)
+//    A tile of channels of one image is transposed into thread-local (channel, L) buffers, so the scan reads
+//    contiguous rows while global memory is only touched in the (Bt, L, D) layout, token by token.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -19,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -56,11 +61,50 @@ inline v8f vexp(v8f x) {
   return p * (v8f)bits;
 }
 
-// One channel, forward. a: A row (N). Bl, Cl: (L, N). Writes y (L); if hs != nullptr also the states into rows
-// 1..L of hs ((L + 1, N), row 0 = the zero initial state) and the decays exp(delta_t A) into as (L, N).
+// Element-wise maths written once for a float or 8 floats (T = float or v8f): the channel loops of the chain and the
+// conv run 8 channels at a time with a scalar tail.
+template <class T> constexpr int kLanes = sizeof(T) / sizeof(float);
+template <class T> inline T ld(const float* p);
+template <> inline float ld<float>(const float* p) { return *p; }
+template <> inline v8f ld<v8f>(const float* p) { return vload(p); }
+inline void st(float* p, float v) { *p = v; }
+inline void st(float* p, v8f v) { vstore(p, v); }
+inline float lane(float v, int) { return v; }
+inline float lane(v8f v, int k) { return v[k]; }
+inline float ex(float x) { return std::exp(x); }
+inline v8f ex(v8f x) { return vexp(x); }
+inline float total(float v) { return v; }
+inline float total(v8f v) { return hsum(v); }
+
+template <class T> inline T sigmoid_t(T x) { return (T{} + 1.f) / (ex(-x) + 1.f); }
+
+// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, by its
+// odd series up to s^15 (truncation < 2e-9 relative): full relative precision also for small e, unlike log(1 + e).
+template <class T> inline T softplus_t(T x) {
+  const T e = ex(x < 0.f ? x : -x);
+  const T s = e / (e + 2.f), s2 = s * s;
+  T p = s2 * (1.f / 15) + 1.f / 13;
+  p = p * s2 + 1.f / 11;
+  p = p * s2 + 1.f / 9;
+  p = p * s2 + 1.f / 7;
+  p = p * s2 + 1.f / 5;
+  p = p * s2 + 1.f / 3;
+  p = p * s2 + 1.f;
+  return (x > 0.f ? x : T{}) + 2.f * s * p;
+}
+
+// f(c, T{}) for c in [c0, c1): 8 channels at a time (T = v8f), then one at a time (T = float).
+template <class F> inline void for_lanes(int64_t c0, int64_t c1, F&& f) {
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) f(c, v8f{});
+  for (; c < c1; ++c) f(c, 0.f);
+}
+
+// One channel, forward. a: A row (N). Bl, Cl: (L, N). Writes y (L, stride ys); if hs != nullptr also the states
+// into rows 1..L of hs ((L + 1, N), row 0 = the zero initial state) and the decays exp(delta_t A) into as (L, N).
 template <int NV>
 inline void chan_fwd(const float* u, const float* dl, const float* a, const float* Bl, const float* Cl, int L, int N,
-                     float* y, float* hs, float* as) {
+                     float* y, int64_t ys, float* hs, float* as) {
   if (hs)
     for (int n = 0; n < N; ++n) hs[n] = 0.f;
   if constexpr (NV > 0) {
@@ -78,7 +122,7 @@ inline void chan_fwd(const float* u, const float* dl, const float* a, const floa
           vstore(as + (long)t * N + 8 * j, at);
         }
       }
-      y[t] = hsum(acc);
+      y[t * ys] = hsum(acc);
     }
   } else {
     float h[256];
@@ -95,7 +139,7 @@ inline void chan_fwd(const float* u, const float* dl, const float* a, const floa
           as[(long)t * N + n] = at;
         }
       }
-      y[t] = acc;
+      y[t * ys] = acc;
     }
   }
 }
@@ -107,7 +151,7 @@ template <int NV>
 inline void chan_bwd(const float* u, const float* dl, const float* a, const float* Bl, const float* Cl, int L, int N,
                      const float* dy, float* hs, float* as, float* yb, float* du, float* ddl, float* dA, float* dB,
                      float* dC) {
-  chan_fwd<NV>(u, dl, a, Bl, Cl, L, N, yb, hs, as);
+  chan_fwd<NV>(u, dl, a, Bl, Cl, L, N, yb, 1, hs, as);
   if constexpr (NV > 0) {
     v8f g[NV], an[NV], dAl[NV], av[NV];
     for (int j = 0; j < NV; ++j) { g[j] = an[j] = dAl[j] = v8f{}; av[j] = vload(a + 8 * j); }
@@ -180,7 +224,8 @@ std::vector<torch::Tensor> scan_fwd_impl(torch::Tensor u, torch::Tensor delta, t
   at::parallel_for(0, Bt * D, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / D, d = i % D;
-      chan_fwd<NV>(pu + i * L, pd + i * L, pA + d * N, pB + b * L * N, pC + b * L * N, L, N, py + i * L, nullptr, nullptr);
+      chan_fwd<NV>(pu + i * L, pd + i * L, pA + d * N, pB + b * L * N, pC + b * L * N, L, N, py + i * L, 1, nullptr,
+                   nullptr);
     }
   });
   return {y};
@@ -216,46 +261,153 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
   return {du, ddelta, dA, dB, dC};
 }
 
+// ---- causal depthwise conv + bias + SiLU, (Bt, L, D) ----
+//   pre_t = bias + sum_k w_k x_{t + k - (K - 1)} (x_j = 0 for j < 0),  out_t = silu(pre_t)
+// Parallel over blocks of 8 channels: every thread owns its channels, so dw and dbias need no reduction.
+
+template <class T>
+inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias, int64_t D, int64_t K, int64_t t,
+                  int64_t c) {
+  T acc = ld<T>(bias + c);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t j = t + k - (K - 1);
+    if (j >= 0) acc += ld<T>(wt + k * D + c) * ld<T>(x + j * sl + c);
+  }
+  return acc;
+}
+
+std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1,
+              "x must be a float32 CPU (Bt, L, D) tensor with unit channel stride");
+  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
+  check(w, "conv weight", 2);
+  check(bias, "conv bias", 1);
+  TORCH_CHECK(w.size(0) == D && bias.size(0) == D, "conv weight must be (D, K) and bias (D,)");
+  const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
+  auto wt = w.t().contiguous();  // (K, D): 8 channels of one tap are contiguous
+  auto out = torch::empty({Bt, L, D}, x.options());
+  const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, (D + 7) / 8, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * 8, c1 = std::min(D, end * 8);
+    for (int64_t b = 0; b < Bt; ++b)
+      for (int64_t t = 0; t < L; ++t)
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          const T pre = conv_pre<T>(px + b * sb, sl, pw, pb, D, K, t, c);
+          st(po + (b * L + t) * D + c, pre * sigmoid_t(pre));
+        });
+  });
+  return {out};
+}
+
+std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1,
+              "x must be a float32 CPU (Bt, L, D) tensor with unit channel stride");
+  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
+  check(w, "conv weight", 2);
+  check(bias, "conv bias", 1);
+  check(dout, "dout", 3);
+  TORCH_CHECK(w.size(0) == D && bias.size(0) == D && dout.size(0) == Bt && dout.size(1) == L && dout.size(2) == D,
+              "conv shapes: x, dout (Bt, L, D), weight (D, K), bias (D,)");
+  const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
+  auto wt = w.t().contiguous();
+  auto dx = torch::empty({Bt, L, D}, x.options());
+  auto dwt = torch::zeros({K, D}, x.options());
+  auto db = torch::zeros({D}, x.options());
+  const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
+  const float* pdo = dout.data_ptr<float>();
+  float *pdx = dx.data_ptr<float>(), *pdw = dwt.data_ptr<float>(), *pdb = db.data_ptr<float>();
+  at::parallel_for(0, (D + 7) / 8, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * 8, c1 = std::min(D, end * 8);
+    std::vector<float> g(L * 8);  // d loss / d pre of one image, 8 channels (row t at g + 8 t)
+    for (int64_t b = 0; b < Bt; ++b)
+      for_lanes(c0, c1, [&](int64_t c, auto tag) {
+        using T = decltype(tag);
+        const float* xb = px + b * sb;
+        T dbias{};
+        for (int64_t t = 0; t < L; ++t) {
+          const T pre = conv_pre<T>(xb, sl, pw, pb, D, K, t, c), s = sigmoid_t(pre);
+          const T gt = ld<T>(pdo + (b * L + t) * D + c) * s * (pre * (1.f - s) + 1.f);
+          st(g.data() + 8 * t, gt);
+          dbias += gt;
+        }
+        st(pdb + c, ld<T>(pdb + c) + dbias);
+        for (int64_t k = 0; k < K; ++k) {  // dw_k = sum_t g_t x_{t + k - (K - 1)}
+          T acc{};
+          for (int64_t t = std::max<int64_t>(0, K - 1 - k); t < L; ++t)
+            acc += ld<T>(g.data() + 8 * t) * ld<T>(xb + (t + k - (K - 1)) * sl + c);
+          st(pdw + k * D + c, ld<T>(pdw + k * D + c) + acc);
+        }
+        for (int64_t j = 0; j < L; ++j) {  // dx_j = sum_k w_k g_{j + (K - 1) - k}
+          T acc{};
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t t = j + (K - 1) - k;
+            if (t < L) acc += ld<T>(pw + k * D + c) * ld<T>(g.data() + 8 * t);
+          }
+          st(pdx + (b * L + j) * D + c, acc);
+        }
+      });
+  });
+  return {dx, dwt.t().contiguous(), db};
+}
+
 // ---- fused De-focus chain ----
+
+// Channel tiles: a group when the group norm is on (it couples the group's channels), else up to 64 channels.
+inline int64_t tile_width(int64_t D, int64_t G) { return G > 0 ? G : std::min<int64_t>(D, 64); }
 
 template <int NV>
 std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, int64_t G,
                                             double delta_scale) {
-  const int64_t Bt = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1);
-  const int64_t Gs = G > 0 ? G : 1, ngroups = D / Gs;
+  const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
+  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW;
   auto out = torch::empty({Bt, L, D}, u.options());
-  auto yraw = torch::empty_like(u);  // the scan output, (Bt, D, L): saved for the backward
+  auto yraw = torch::empty({Bt, L, D}, u.options());  // the scan output: saved for the backward
   const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float* pz = z.data_ptr<float>();
   const int64_t zs = z.stride(1);  // z may be a view of the in_proj output (stride 2D)
   float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
-  at::parallel_for(0, Bt * ngroups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dl(L), rms(L);
+  at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ub(TW * L), dlb(TW * L);  // (channel, L) tiles
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / ngroups, g0 = (i % ngroups) * Gs;
-      for (int64_t c = g0; c < g0 + Gs; ++c) {
-        const float* dtc = pdt + b * L * D + c;
-        for (int64_t t = 0; t < L; ++t) dl[t] = softplus(dtc[t * D]) * inv_scale;
-        const int64_t row = (b * D + c) * L;
-        chan_fwd<NV>(pu + row, dl.data(), pA + c * N, pB + b * L * N, pC + b * L * N, L, N, py + row, nullptr, nullptr);
-      }
+      const int64_t b = i / ntiles, c0 = (i % ntiles) * TW, c1 = std::min(D, c0 + TW);
       for (int64_t t = 0; t < L; ++t) {
+        const float *ut = pu + (b * L + t) * D, *dtt = pdt + (b * L + t) * D;
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          const T d = softplus_t(ld<T>(dtt + c)) * inv_scale, uu = ld<T>(ut + c);
+          for (int k = 0; k < kLanes<T>; ++k) {
+            dlb[(c - c0 + k) * L + t] = lane(d, k);
+            ub[(c - c0 + k) * L + t] = lane(uu, k);
+          }
+        });
+      }
+      for (int64_t c = c0; c < c1; ++c)
+        chan_fwd<NV>(ub.data() + (c - c0) * L, dlb.data() + (c - c0) * L, pA + c * N, pB + b * L * N,
+                     pC + b * L * N, L, N, py + b * L * D + c, D, nullptr, nullptr);
+      for (int64_t t = 0; t < L; ++t) {
+        const float *yt = py + (b * L + t) * D, *ut = pu + (b * L + t) * D, *zt = pz + b * L * zs + t * zs;
+        float* ot = po + (b * L + t) * D;
         float r = 1.f;
         if (G > 0) {
-          float ss = 0.f;
-          for (int64_t c = g0; c < g0 + Gs; ++c) { const float v = py[(b * D + c) * L + t]; ss += v * v; }
-          r = 1.f / std::sqrt(ss / (float)Gs + kGroupEps);
+          v8f ssv{};
+          float sss = 0.f;
+          for_lanes(c0, c1, [&](int64_t c, auto tag) {
+            using T = decltype(tag);
+            const T y = ld<T>(yt + c);
+            if constexpr (std::is_same_v<T, v8f>) ssv += y * y; else sss += y * y;
+          });
+          r = 1.f / std::sqrt((hsum(ssv) + sss) / (float)(c1 - c0) + kGroupEps);
         }
-        const float* zt = pz + b * L * zs + t * zs;
-        float* ot = po + (b * L + t) * D;
-        for (int64_t c = g0; c < g0 + Gs; ++c) {
-          const int64_t row = (b * D + c) * L;
-          const float zc = zt[c];
-          ot[c] = (py[row + t] * r + pD[c] * pu[row + t]) * zc * sigmoid(zc);
-        }
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          const T zz = ld<T>(zt + c);
+          st(ot + c, (ld<T>(yt + c) * r + ld<T>(pD + c) * ld<T>(ut + c)) * zz * sigmoid_t(zz));
+        });
       }
     }
   });
@@ -266,9 +418,9 @@ template <int NV>
 std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                             torch::Tensor dout, int64_t G, double delta_scale) {
-  const int64_t Bt = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1);
-  const int64_t Gs = G > 0 ? G : 1, ngroups = D / Gs;
-  auto du = torch::empty_like(u);
+  const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
+  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW;
+  auto du = torch::empty({Bt, L, D}, u.options());
   auto ddt = torch::empty({Bt, L, D}, u.options());
   auto dz = torch::empty({Bt, L, D}, u.options());
   auto dA = torch::zeros_like(A), dB = torch::zeros_like(Bl), dC = torch::zeros_like(Cl);
@@ -282,54 +434,66 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
   float* pdD = dD.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
   std::mutex mu;
-  at::parallel_for(0, Bt * ngroups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t b0 = begin / ngroups, b1 = (end - 1) / ngroups;
-    std::vector<float> hs((L + 1) * N), as(L * N), yb(L), dl(L), dy(Gs * L), dyc(L), duc(L), ddl(L), rms(L), lA(D * N, 0.f), lD(D, 0.f);
+  at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t b0 = begin / ntiles, b1 = (end - 1) / ntiles;
+    // (channel, L) tiles: u, delta, sigmoid(dt) / delta_scale, d loss / d y
+    std::vector<float> ub(TW * L), dlb(TW * L), sgb(TW * L), dyb(TW * L);
+    std::vector<float> hs((L + 1) * N), as(L * N), yb(L), duc(L), ddl(L), lA(D * N, 0.f), lD(D, 0.f);
     std::vector<float> lB((b1 - b0 + 1) * L * N, 0.f), lC((b1 - b0 + 1) * L * N, 0.f);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / ngroups, g0 = (i % ngroups) * Gs;
+      const int64_t b = i / ntiles, c0 = (i % ntiles) * TW, c1 = std::min(D, c0 + TW);
       // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token
       for (int64_t t = 0; t < L; ++t) {
-        float r = 1.f, dot = 0.f;
+        const int64_t row = (b * L + t) * D;
+        const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * L * zs + t * zs;
+        float *dzt = pdz + row, *dut = pdu + row;
+        float r = 1.f;
         if (G > 0) {
-          float ss = 0.f;
-          for (int64_t c = g0; c < g0 + Gs; ++c) { const float v = py[(b * D + c) * L + t]; ss += v * v; }
-          r = 1.f / std::sqrt(ss / (float)Gs + kGroupEps);
+          v8f ssv{};
+          float sss = 0.f;
+          for_lanes(c0, c1, [&](int64_t c, auto tag) {
+            using T = decltype(tag);
+            const T y = ld<T>(yt + c);
+            if constexpr (std::is_same_v<T, v8f>) ssv += y * y; else sss += y * y;
+          });
+          r = 1.f / std::sqrt((hsum(ssv) + sss) / (float)(c1 - c0) + kGroupEps);
         }
-        const float* zt = pz + b * L * zs + t * zs;
-        const float* dot_ = pdo + (b * L + t) * D;
-        float* dzt = pdz + (b * L + t) * D;
-        for (int64_t c = g0; c < g0 + Gs; ++c) {
-          const int64_t row = (b * D + c) * L;
-          const float zc = zt[c], sg = sigmoid(zc), s = zc * sg;
-          const float yn = py[row + t] * r, pre = yn + pD[c] * pu[row + t];
-          const float dpre = dot_[c] * s;
-          dzt[c] = dot_[c] * pre * sg * (1.f + zc * (1.f - sg));
-          lD[c] += dpre * pu[row + t];
-          pdu[row + t] = dpre * pD[c];  // the D-skip part of du; the scan part is added below
-          dy[(c - g0) * L + t] = dpre;  // d loss / d yn for now
-          dot += dpre * yn;
-        }
+        v8f dotv{};
+        float dots = 0.f;
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          const T zz = ld<T>(zt + c), sg = sigmoid_t(zz), s = zz * sg, uu = ld<T>(ut + c), dk = ld<T>(pD + c);
+          const T yn = ld<T>(yt + c) * r, pre = yn + dk * uu, dd = ld<T>(dot_ + c), dpre = dd * s;
+          st(dzt + c, dd * pre * sg * (zz * (1.f - sg) + 1.f));
+          st(lD.data() + c, ld<T>(lD.data() + c) + dpre * uu);
+          st(dut + c, dpre * dk);  // the D-skip part of du; the scan part is added below
+          if constexpr (std::is_same_v<T, v8f>) dotv += dpre * yn; else dots += dpre * yn;
+          const T x = ld<T>(dtt + c), dl = softplus_t(x) * inv_scale, sgd = sigmoid_t(x) * inv_scale;
+          for (int k = 0; k < kLanes<T>; ++k) {
+            const int64_t o = (c - c0 + k) * L + t;
+            dyb[o] = lane(dpre, k);  // d loss / d yn for now
+            ub[o] = lane(uu, k);
+            dlb[o] = lane(dl, k);
+            sgb[o] = lane(sgd, k);
+          }
+        });
         if (G > 0) {  // d y = r (d yn - yn mean(d yn * yn))
-          const float m = dot / (float)Gs;
-          for (int64_t c = g0; c < g0 + Gs; ++c) {
-            const float yn = py[(b * D + c) * L + t] * r;
-            float& v = dy[(c - g0) * L + t];
-            v = r * (v - yn * m);
+          const float m = (hsum(dotv) + dots) / (float)(c1 - c0);
+          for (int64_t c = c0; c < c1; ++c) {
+            float& v = dyb[(c - c0) * L + t];
+            v = r * (v - yt[c] * r * m);
           }
         }
       }
       const int64_t off = (b - b0) * L * N;
-      for (int64_t c = g0; c < g0 + Gs; ++c) {
-        const float* dtc = pdt + b * L * D + c;
-        for (int64_t t = 0; t < L; ++t) dl[t] = softplus(dtc[t * D]) * inv_scale;
-        const int64_t row = (b * D + c) * L;
-        chan_bwd<NV>(pu + row, dl.data(), pA + c * N, pB + b * L * N, pC + b * L * N, L, N, dy.data() + (c - g0) * L,
-                     hs.data(), as.data(), yb.data(), duc.data(), ddl.data(), lA.data() + c * N, lB.data() + off, lC.data() + off);
-        float* ddtc = pddt + b * L * D + c;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t o = (c - c0) * L;
+        chan_bwd<NV>(ub.data() + o, dlb.data() + o, pA + c * N, pB + b * L * N, pC + b * L * N, L, N,
+                     dyb.data() + o, hs.data(), as.data(), yb.data(), duc.data(), ddl.data(), lA.data() + c * N,
+                     lB.data() + off, lC.data() + off);
         for (int64_t t = 0; t < L; ++t) {
-          pdu[row + t] += duc[t];
-          ddtc[t * D] = ddl[t] * sigmoid(dtc[t * D]) * inv_scale;
+          pdu[(b * L + t) * D + c] += duc[t];
+          pddt[(b * L + t) * D + c] = ddl[t] * sgb[o + t];
         }
       }
     }
@@ -372,15 +536,22 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor u, torch::Tensor delta, torch:
   return DISPATCH_N(A.size(1), scan_bwd_impl, u, delta, A, Bl, Cl, dy);
 }
 
-void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch::Tensor& Dskip,
-                   const torch::Tensor& z, int64_t G) {
+void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch::Tensor& A, const torch::Tensor& Bl,
+                   const torch::Tensor& Cl, const torch::Tensor& Dskip, const torch::Tensor& z, int64_t G) {
+  check(u, "u", 3);
   check(dt, "dt", 3);
+  check(A, "A", 2);
+  check(Bl, "B", 3);
+  check(Cl, "C", 3);
   check(Dskip, "D", 1);
   TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == torch::kFloat32 && z.dim() == 3 && z.stride(2) == 1 &&
                   z.stride(0) == z.size(1) * z.stride(1),
               "z must be a float32 CPU (Bt, L, D) tensor with unit channel stride");
-  const int64_t Bt = u.size(0), D = u.size(1), L = u.size(2);
-  TORCH_CHECK(dt.size(0) == Bt && dt.size(1) == L && dt.size(2) == D, "dt must be (Bt, L, D)");
+  const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2);
+  TORCH_CHECK(A.size(0) == D && A.size(1) <= 256, "A must be (D, N) with N <= 256");
+  TORCH_CHECK(Bl.size(0) == Bt && Bl.size(1) == L && Bl.size(2) == A.size(1), "B must be (Bt, L, N)");
+  TORCH_CHECK(Cl.sizes() == Bl.sizes(), "C must be (Bt, L, N)");
+  TORCH_CHECK(dt.sizes() == u.sizes(), "dt must be (Bt, L, D) like u");
   TORCH_CHECK(z.size(0) == Bt && z.size(1) == L && z.size(2) == D, "z must be (Bt, L, D)");
   TORCH_CHECK(Dskip.size(0) == D, "D must be (D,)");
   TORCH_CHECK(G >= 0 && (G == 0 || D % G == 0), "group size must divide D");
@@ -389,18 +560,17 @@ void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch:
 std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                        torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, int64_t G,
                                        double delta_scale) {
-  check_scan(u, A, Bl, Cl);
-  check_defocus(u, dt, Dskip, z, G);
+  check_defocus(u, dt, A, Bl, Cl, Dskip, z, G);
   return DISPATCH_N(A.size(1), defocus_fwd_impl, u, dt, A, Bl, Cl, Dskip, z, G, delta_scale);
 }
 
 std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                        torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                        torch::Tensor dout, int64_t G, double delta_scale) {
-  check_scan(u, A, Bl, Cl);
-  check_defocus(u, dt, Dskip, z, G);
+  check_defocus(u, dt, A, Bl, Cl, Dskip, z, G);
   check(yraw, "yraw", 3);
   check(dout, "dout", 3);
+  TORCH_CHECK(yraw.sizes() == u.sizes() && dout.sizes() == u.sizes(), "yraw and dout must be (Bt, L, D) like u");
   return DISPATCH_N(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale);
 }
 
@@ -409,6 +579,8 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
+  m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
+  m.def("conv_bwd", &conv_bwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward");
   m.def("defocus_fwd", &defocus_fwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward");
   m.def("defocus_bwd", &defocus_bwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: backward");
 }
