@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from defocus_clip.errors import ConfigError
 from defocus_clip.layers import scan_cpu
+from defocus_clip.layers.rope import apply_rope, rope_angles
 from defocus_clip.layers.scan import (
     ENV_VAR,
     ScanUnavailableError,
@@ -93,9 +94,12 @@ def test_auto_keeps_float64_off_the_float32_kernel():
     assert resolve_scan_impl("cpu", "auto", torch.float64) == "torch"
 
 
-def chain_reference(u, dt, A, B, C, D, z, group, scale):
+def chain_reference(u, dt, A, B, C, D, z, group, scale, freq=None, rope_scale=1.0):
     """The De-focus chain composed from eager float64 ops; u, dt, z, output (Bt, L, D), B, C (Bt, L, N)."""
     bt, length, d = u.shape
+    if freq is not None:  # the mixer's pure-PyTorch RoPE
+        angles = rope_angles(freq, length, rope_scale)
+        B, C = apply_rope(B, angles), apply_rope(C, angles)
     delta = F.softplus(dt).transpose(1, 2) / scale
     y = recurrence(u.transpose(1, 2), delta, A, B.transpose(1, 2), C.transpose(1, 2))  # (Bt, D, L)
     if group:
@@ -106,36 +110,45 @@ def chain_reference(u, dt, A, B, C, D, z, group, scale):
 
 @needs_cpp
 @pytest.mark.parametrize(
-    "bt,d,length,n,group",
-    [(2, 8, 9, 16, 0), (2, 8, 9, 16, 4), (1, 24, 5, 16, 8), (2, 12, 3, 5, 0), (1, 70, 4, 8, 0), (2, 8, 1, 16, 0)],
+    "bt,d,length,n,group,rope",
+    [(2, 8, 9, 16, 0, False), (2, 8, 9, 16, 4, True), (1, 24, 5, 16, 8, True), (2, 12, 3, 6, 0, True),
+     (2, 12, 3, 5, 0, False), (1, 70, 4, 8, 0, True), (2, 8, 1, 16, 0, True)],
     ids=lambda v: str(v),
 )
-def test_fused_defocus_chain_matches_float64_composition(bt, d, length, n, group):
-    """softplus -> scan -> group RMS norm -> + D u -> * SiLU(z), outputs and all 7 gradients, in one kernel.
+def test_fused_defocus_chain_matches_float64_composition(bt, d, length, n, group, rope):
+    """(RoPE of B, C) -> softplus -> scan -> group RMS norm -> + D u -> * SiLU(z): outputs and all gradients.
 
     Shapes cover 8-channel vectors with and without a scalar tail, several channel tiles (70 = 64 + 6), N without a
-    vector path (5), L = 1; dt spans softplus's whole range (tiny to large delta).
+    vector path (5, 6), L = 1; dt spans softplus's whole range (tiny to large delta); z, B and C are read as channel
+    slices of wider tensors (the in_proj / x_proj outputs).
     """
-    scale = 2.0
+    scale, rope_scale = 2.0, 1.5
     g = torch.Generator().manual_seed(5)
     u, _, A, B, C = make_inputs(bt, d, length, n, seed=6)
     u = u.transpose(1, 2).contiguous()  # (Bt, L, D): the layout of the linears
     dt = torch.randn(bt, length, d, generator=g) * 6
     Dk = torch.randn(d, generator=g)
     zz = torch.randn(bt, length, 2 * d, generator=g)  # z is a channel slice, as after in_proj(...).chunk(2)
-    Bl, Cl = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
-    ins = [t.requires_grad_() for t in (u, dt, A, Bl, Cl, Dk, zz)]
+    xdbl = torch.cat((torch.randn(bt, length, 3, generator=g), B.transpose(1, 2), C.transpose(1, 2)), -1)
+    freq = torch.rand(n, generator=g) * 0.8
+    ins = [t.requires_grad_() for t in (u, dt, A, xdbl, Dk, zz, freq)]
     ref = [t.detach().double().requires_grad_() for t in ins]
-    out = scan_cpu.defocus_chain_cpp(ins[0], ins[1], ins[2], ins[3], ins[4], ins[5], ins[6][..., d:], group, scale)
-    expected = chain_reference(*ref[:6], ref[6][..., d:], group, scale)
+
+    def run(u, dt, A, xdbl, Dk, zz, freq, fn):
+        Bx, Cx = xdbl[..., 3:3 + n], xdbl[..., 3 + n:]
+        return fn(u, dt, A, Bx, Cx, Dk, zz[..., d:], group, scale, freq if rope else None, rope_scale)
+
+    out = run(*ins, scan_cpu.defocus_chain_cpp)
+    expected = run(*ref, chain_reference)
     assert out.shape == (bt, length, d) and out.dtype == torch.float32
     assert rel_err(out, expected) < 1e-5
     probe = torch.randn(expected.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out * probe.float()).sum(), ins)
-    expected_grads = torch.autograd.grad((expected * probe).sum(), ref)
-    for name, ours, theirs in zip("u dt A B C D z".split(), grads, expected_grads):
+    wrt = slice(0, 7 if rope else 6)
+    grads = torch.autograd.grad((out * probe.float()).sum(), ins[wrt])
+    expected_grads = torch.autograd.grad((expected * probe).sum(), ref[wrt])
+    for name, ours, theirs in zip("u dt A B,C D z freq".split(), grads, expected_grads):
         assert ours.shape == theirs.shape, name
-        if theirs.abs().max() == 0:  # dA at L = 1
+        if theirs.abs().max() == 0:  # dA and dfreq at L = 1
             assert ours.abs().max() == 0, name
         else:
             assert rel_err(ours, theirs) < 1e-4, name

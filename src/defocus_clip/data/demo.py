@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from ..errors import DataError
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # part of the manifest: a new value rebuilds cached demo sets
 ENV_VAR = "DEFOCUS_CLIP_DATA"
 EVAL_SETS = ("emoji_category", "emoji_subcategory", "emoji_retrieval")
 
@@ -139,7 +140,10 @@ def load_emoji() -> list[Emoji]:
 
 
 def split_emoji(items: list[Emoji], holdout_every: int = 5) -> tuple[list[Emoji], list[Emoji]]:
-    """Stratified split: in each sub-category, every `holdout_every`-th emoji (offset 2) is held out."""
+    """Stratified split: in each sub-category, every `holdout_every`-th emoji (offset 2) is held out.
+
+    The training part comes back in a fixed random order (shards in category order would feed a trainer
+    single-category batches until its shuffle buffer fills); the held-out part stays in emoji order."""
     by_sub: dict[str, list[Emoji]] = {}
     for e in items:
         by_sub.setdefault(e.subcategory, []).append(e)
@@ -148,7 +152,9 @@ def split_emoji(items: list[Emoji], holdout_every: int = 5) -> tuple[list[Emoji]
         for i, e in enumerate(group):
             (held if i % holdout_every == 2 else train).append(e)
     key = lambda e: e.sort_order
-    return sorted(train, key=key), sorted(held, key=key)
+    train = sorted(train, key=key)
+    random.Random(0).shuffle(train)
+    return train, sorted(held, key=key)
 
 
 def _subset(items: list[Emoji], limit: int | None) -> list[Emoji]:

@@ -126,17 +126,22 @@ def causal_conv_silu_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 class _DefocusChainFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, group_size, delta_scale):
-        out, yraw = _module().defocus_fwd(u, dt, A, B, C, D, z, group_size, delta_scale)
-        ctx.save_for_backward(u, dt, A, B, C, D, z, yraw)
-        ctx.group_size, ctx.delta_scale = group_size, delta_scale
+    def forward(ctx, u, dt, A, B, C, D, z, freq, group_size, delta_scale, rope_scale):
+        f = freq if freq is not None else u.new_empty(0)
+        out, yraw = _module().defocus_fwd(u, dt, A, B, C, D, z, group_size, delta_scale, f, rope_scale)
+        ctx.save_for_backward(u, dt, A, B, C, D, z, f, yraw)
+        ctx.args = (group_size, delta_scale, rope_scale)
+        ctx.has_freq = freq is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, dt, A, B, C, D, z, yraw = ctx.saved_tensors
-        grads = _module().defocus_bwd(u, dt, A, B, C, D, z, yraw, dout.contiguous(), ctx.group_size, ctx.delta_scale)
-        return (*grads, None, None)
+        u, dt, A, B, C, D, z, f, yraw = ctx.saved_tensors
+        group_size, delta_scale, rope_scale = ctx.args
+        *grads, dfreq = _module().defocus_bwd(
+            u, dt, A, B, C, D, z, yraw, dout.contiguous(), group_size, delta_scale, f, rope_scale
+        )
+        return (*grads, dfreq if ctx.has_freq else None, None, None, None)
 
 
 def defocus_chain_cpp(
@@ -149,10 +154,14 @@ def defocus_chain_cpp(
     z: torch.Tensor,
     group_size: int,
     delta_scale: float,
+    freq: torch.Tensor | None = None,
+    rope_scale: float = 1.0,
 ) -> torch.Tensor:
-    """(group_rms_norm(scan(u, softplus(dt) / delta_scale, A, B, C)) + D u) * silu(z), float32, fused.
+    """(group_rms_norm(scan(u, softplus(dt) / delta_scale, A, rope(B), rope(C))) + D u) * silu(z), float32, fused.
 
-    u, dt (Bt, L, D) contiguous; z (Bt, L, D) with unit channel stride (may be a channel slice of a wider tensor);
-    B, C (Bt, L, N) contiguous; A (D, N); D (D,); group_size 0 skips the group norm. Returns (Bt, L, D).
+    u, dt (Bt, L, D) contiguous; z (Bt, L, D) and B, C (Bt, L, N) with unit inner stride (channel slices of the
+    in_proj / x_proj outputs are read in place); A (D, N); D (D,); group_size 0 skips the group norm; freq (N,)
+    applies `layers.rope.apply_rope(x, rope_angles(freq, L, rope_scale))` to B and C (None: no RoPE).
+    Returns (Bt, L, D); gradients for every tensor input.
     """
-    return _DefocusChainFn.apply(u, dt, A, B, C, D, z, int(group_size), float(delta_scale))
+    return _DefocusChainFn.apply(u, dt, A, B, C, D, z, freq, int(group_size), float(delta_scale), float(rope_scale))

@@ -119,20 +119,17 @@ class DefocusMambaMixer(nn.Module):
     def _forward_cpp(self, x: torch.Tensor) -> torch.Tensor:
         """The forward above with the fused CPU kernels, everything in the (B, L, D) layout of the linears: causal
         conv + SiLU reads the u half of the in_proj output in place; softplus, scan, group norm, D skip and gate are
-        one pass. Same parameters, same function (tests/towers/test_reference.py checks both against float64)."""
-        length = x.shape[1]
+        one pass (with the RoPE of B and C). Same parameters, same function (tests/towers/test_reference.py checks both
+        against float64)."""
         u, z = self.in_proj(x).float().chunk(2, dim=-1)  # (B, L, D) views, rows of stride 2D
         w = self.conv1d.weight.float().flatten(1)  # (D, K)
         u = causal_conv_silu_cpp(u, w, self.conv1d.bias.float())  # (B, L, D) contiguous
         dt, B, C = self.x_proj(u.to(self.x_proj.weight.dtype)).split([self.dt_rank, self.d_state, self.d_state], -1)
         dt = self.dt_proj(dt)  # (B, L, D), before softplus
-        if self.freq is not None:
-            angles = rope_angles(self.freq, length, self.rope_scale_factor)  # (L, N) fp32
-            B, C = apply_rope(B.float(), angles), apply_rope(C.float(), angles)
-        A = -torch.exp(self.A_log.float())  # (D, N)
+        freq = self.freq.float() if self.freq is not None else None  # RoPE of B and C happens inside the kernel
         y = defocus_chain_cpp(
-            u, dt.float().contiguous(), A, B.float().contiguous(), C.float().contiguous(), self.D.float(), z,
-            self.group_norm_size, self.delta_scale_factor,
+            u, dt.float().contiguous(), -torch.exp(self.A_log.float()), B.float(), C.float(), self.D.float(), z,
+            self.group_norm_size, self.delta_scale_factor, freq, self.rope_scale_factor,
         )
         return self.out_proj(y.to(self.out_proj.weight.dtype))
 

@@ -16,6 +16,11 @@
 //        out = (group_rms_norm(y) + D u) * silu(z)            G = 0: no group norm (the plain Mamba baseline)
 //    A tile of channels of one image is transposed into thread-local (channel, L) buffers, so the scan reads
 //    contiguous rows while global memory is only touched in the (Bt, L, D) layout, token by token.
+//    Optionally the learnable RoPE of B and C is applied first (freq non-empty), as layers/rope.py defines it:
+//        theta_tn = (t / rope_scale) freq_n,  x'_2i = x_2i cos theta_2i - x_2i+1 sin theta_2i,
+//                                              x'_2i+1 = x_2i+1 cos theta_2i+1 + x_2i sin theta_2i+1
+//    B and C may be strided slices (unit inner stride) of the x_proj output; B, C are tiny (Bt, L, N), so the
+//    rotation runs once, serially, outside the parallel region (tens of eager ops fewer per layer).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -102,7 +107,8 @@ template <class F> inline void for_lanes(int64_t c0, int64_t c1, F&& f) {
 
 // One channel, forward. a: A row (N). Bl, Cl: (L, N). Writes y (L, stride ys); if hs != nullptr also the states
 // into rows 1..L of hs ((L + 1, N), row 0 = the zero initial state) and the decays exp(delta_t A) into as (L, N).
-template <int NV>
+// kY = false (the backward's recompute): skip the outputs, only the states and decays are needed.
+template <int NV, bool kY = true>
 inline void chan_fwd(const float* u, const float* dl, const float* a, const float* Bl, const float* Cl, int L, int N,
                      float* y, int64_t ys, float* hs, float* as) {
   if (hs)
@@ -116,13 +122,13 @@ inline void chan_fwd(const float* u, const float* dl, const float* a, const floa
       for (int j = 0; j < NV; ++j) {
         const v8f at = vexp(av[j] * d);
         h[j] = at * h[j] + du * vload(Bl + (long)t * N + 8 * j);
-        acc += h[j] * vload(Cl + (long)t * N + 8 * j);
+        if constexpr (kY) acc += h[j] * vload(Cl + (long)t * N + 8 * j);
         if (hs) {
           vstore(hs + (long)(t + 1) * N + 8 * j, h[j]);
           vstore(as + (long)t * N + 8 * j, at);
         }
       }
-      y[t * ys] = hsum(acc);
+      if constexpr (kY) y[t * ys] = hsum(acc);
     }
   } else {
     float h[256];
@@ -139,7 +145,7 @@ inline void chan_fwd(const float* u, const float* dl, const float* a, const floa
           as[(long)t * N + n] = at;
         }
       }
-      y[t * ys] = acc;
+      if constexpr (kY) y[t * ys] = acc;
     }
   }
 }
@@ -151,10 +157,14 @@ template <int NV>
 inline void chan_bwd(const float* u, const float* dl, const float* a, const float* Bl, const float* Cl, int L, int N,
                      const float* dy, float* hs, float* as, float* yb, float* du, float* ddl, float* dA, float* dB,
                      float* dC) {
-  chan_fwd<NV>(u, dl, a, Bl, Cl, L, N, yb, 1, hs, as);
+  chan_fwd<NV, false>(u, dl, a, Bl, Cl, L, N, yb, 1, hs, as);
   if constexpr (NV > 0) {
-    v8f g[NV], an[NV], dAl[NV], av[NV];
-    for (int j = 0; j < NV; ++j) { g[j] = an[j] = dAl[j] = v8f{}; av[j] = vload(a + 8 * j); }
+    v8f g[NV], an[NV], dAl[NV], av[NV], hc[NV];  // hc: h_t, carried from the previous (later) step's h_{t-1} load
+    for (int j = 0; j < NV; ++j) {
+      g[j] = an[j] = dAl[j] = v8f{};
+      av[j] = vload(a + 8 * j);
+      hc[j] = vload(hs + (long)L * N + 8 * j);
+    }
     for (int t = L - 1; t >= 0; --t) {
       const float d = dl[t], ut = u[t], dyt = dy[t], dut = d * ut;
       v8f s_ad{}, s_gb{};
@@ -164,8 +174,10 @@ inline void chan_bwd(const float* u, const float* dl, const float* a, const floa
         const v8f gn = g[j] * an[j] + vload(Cl + o) * dyt;
         g[j] = gn;
         an[j] = at;
-        vstore(dC + o, vload(dC + o) + vload(hs + o + N) * dyt);
-        const v8f dla = gn * vload(hs + o) * at;
+        const v8f hp = vload(hs + o);  // h_{t-1}
+        vstore(dC + o, vload(dC + o) + hc[j] * dyt);
+        hc[j] = hp;
+        const v8f dla = gn * hp * at;
         dAl[j] += dla * d;
         s_ad += dla * av[j];
         s_gb += gn * b;
@@ -354,6 +366,69 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
 
 // ---- fused De-focus chain ----
 
+// B, C (any strides, unit inner stride) -> contiguous (Bt, L, N), rotated when cs/sn (L, N) are given.
+torch::Tensor rope_rotate(const torch::Tensor& x, const std::vector<float>& cs, const std::vector<float>& sn) {
+  const int64_t Bt = x.size(0), L = x.size(1), N = x.size(2), sb = x.stride(0), sl = x.stride(1);
+  auto out = torch::empty({Bt, L, N}, x.options());
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  for (int64_t b = 0; b < Bt; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      const float* xt = px + b * sb + t * sl;
+      float* ot = po + (b * L + t) * N;
+      if (cs.empty()) {
+        for (int64_t n = 0; n < N; ++n) ot[n] = xt[n];
+        continue;
+      }
+      const float *c = cs.data() + t * N, *s = sn.data() + t * N;
+      for (int64_t n = 0; n < N; n += 2) {
+        ot[n] = xt[n] * c[n] - xt[n + 1] * s[n];
+        ot[n + 1] = xt[n + 1] * c[n + 1] + xt[n] * s[n + 1];
+      }
+    }
+  return out;
+}
+
+// cos / sin of theta_tn = (t / rope_scale) freq_n in float32 (the arithmetic of layers/rope.py); empty without RoPE.
+void rope_tables(const torch::Tensor& freq, int64_t L, double rope_scale, std::vector<float>& cs, std::vector<float>& sn) {
+  if (freq.numel() == 0) return;
+  const int64_t N = freq.size(0);
+  const float* pf = freq.data_ptr<float>();
+  cs.resize(L * N);
+  sn.resize(L * N);
+  for (int64_t t = 0; t < L; ++t) {
+    const float pos = (float)t / (float)rope_scale;
+    for (int64_t n = 0; n < N; ++n) {
+      const float a = pos * pf[n];
+      cs[t * N + n] = std::cos(a);
+      sn[t * N + n] = std::sin(a);
+    }
+  }
+}
+
+// Gradients of the rotation: d x (contiguous (Bt, L, N)) from d x' (in place) and d freq += sum_t pos_t d theta_t.
+void rope_backward(const torch::Tensor& x, torch::Tensor& dx, const std::vector<float>& cs,
+                   const std::vector<float>& sn, double rope_scale, std::vector<double>& dfreq) {
+  if (cs.empty()) return;
+  const int64_t Bt = x.size(0), L = x.size(1), N = x.size(2), sb = x.stride(0), sl = x.stride(1);
+  const float* px = x.data_ptr<float>();
+  float* pd = dx.data_ptr<float>();
+  for (int64_t b = 0; b < Bt; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      const float* xt = px + b * sb + t * sl;
+      float* dt = pd + (b * L + t) * N;
+      const float *c = cs.data() + t * N, *s = sn.data() + t * N;
+      const double pos = (double)((float)t / (float)rope_scale);
+      for (int64_t n = 0; n < N; n += 2) {
+        const float g0 = dt[n], g1 = dt[n + 1], x0 = xt[n], x1 = xt[n + 1];
+        dfreq[n] += pos * (double)(g0 * (-x0 * s[n] - x1 * c[n]));
+        dfreq[n + 1] += pos * (double)(g1 * (x0 * c[n + 1] - x1 * s[n + 1]));
+        dt[n] = g0 * c[n] + g1 * s[n + 1];
+        dt[n + 1] = g1 * c[n + 1] - g0 * s[n];
+      }
+    }
+}
+
 // Channel tiles: a group when the group norm is on (it couples the group's channels), else up to 64 channels.
 inline int64_t tile_width(int64_t D, int64_t G) { return G > 0 ? G : std::min<int64_t>(D, 64); }
 
@@ -536,42 +611,59 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor u, torch::Tensor delta, torch:
   return DISPATCH_N(A.size(1), scan_bwd_impl, u, delta, A, Bl, Cl, dy);
 }
 
-void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch::Tensor& A, const torch::Tensor& Bl,
-                   const torch::Tensor& Cl, const torch::Tensor& Dskip, const torch::Tensor& z, int64_t G) {
+void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch::Tensor& A, const torch::Tensor& Bx,
+                   const torch::Tensor& Cx, const torch::Tensor& Dskip, const torch::Tensor& z, int64_t G,
+                   const torch::Tensor& freq) {
   check(u, "u", 3);
   check(dt, "dt", 3);
   check(A, "A", 2);
-  check(Bl, "B", 3);
-  check(Cl, "C", 3);
   check(Dskip, "D", 1);
-  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == torch::kFloat32 && z.dim() == 3 && z.stride(2) == 1 &&
-                  z.stride(0) == z.size(1) * z.stride(1),
-              "z must be a float32 CPU (Bt, L, D) tensor with unit channel stride");
-  const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2);
-  TORCH_CHECK(A.size(0) == D && A.size(1) <= 256, "A must be (D, N) with N <= 256");
-  TORCH_CHECK(Bl.size(0) == Bt && Bl.size(1) == L && Bl.size(2) == A.size(1), "B must be (Bt, L, N)");
-  TORCH_CHECK(Cl.sizes() == Bl.sizes(), "C must be (Bt, L, N)");
+  for (const auto* x : {&z, &Bx, &Cx})
+    TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == torch::kFloat32 && x->dim() == 3 && x->stride(2) == 1,
+                "z, B and C must be float32 CPU (Bt, L, *) tensors with unit inner stride");
+  const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
+  TORCH_CHECK(A.size(0) == D && N <= 256, "A must be (D, N) with N <= 256");
+  TORCH_CHECK(Bx.size(0) == Bt && Bx.size(1) == L && Bx.size(2) == N, "B must be (Bt, L, N)");
+  TORCH_CHECK(Cx.sizes() == Bx.sizes(), "C must be (Bt, L, N)");
   TORCH_CHECK(dt.sizes() == u.sizes(), "dt must be (Bt, L, D) like u");
   TORCH_CHECK(z.size(0) == Bt && z.size(1) == L && z.size(2) == D, "z must be (Bt, L, D)");
   TORCH_CHECK(Dskip.size(0) == D, "D must be (D,)");
   TORCH_CHECK(G >= 0 && (G == 0 || D % G == 0), "group size must divide D");
+  if (freq.numel() > 0) {
+    check(freq, "freq", 1);
+    TORCH_CHECK(freq.size(0) == N && N % 2 == 0, "freq must be (N,) with N even (RoPE rotates pairs)");
+  }
 }
 
-std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
-                                       torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, int64_t G,
-                                       double delta_scale) {
-  check_defocus(u, dt, A, Bl, Cl, Dskip, z, G);
+std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bx,
+                                       torch::Tensor Cx, torch::Tensor Dskip, torch::Tensor z, int64_t G,
+                                       double delta_scale, torch::Tensor freq, double rope_scale) {
+  check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq);
+  std::vector<float> cs, sn;
+  rope_tables(freq, u.size(1), rope_scale, cs, sn);
+  auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
   return DISPATCH_N(A.size(1), defocus_fwd_impl, u, dt, A, Bl, Cl, Dskip, z, G, delta_scale);
 }
 
-std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
-                                       torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
-                                       torch::Tensor dout, int64_t G, double delta_scale) {
-  check_defocus(u, dt, A, Bl, Cl, Dskip, z, G);
+std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bx,
+                                       torch::Tensor Cx, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
+                                       torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor freq,
+                                       double rope_scale) {
+  check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq);
   check(yraw, "yraw", 3);
   check(dout, "dout", 3);
   TORCH_CHECK(yraw.sizes() == u.sizes() && dout.sizes() == u.sizes(), "yraw and dout must be (Bt, L, D) like u");
-  return DISPATCH_N(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale);
+  std::vector<float> cs, sn;
+  rope_tables(freq, u.size(1), rope_scale, cs, sn);
+  auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
+  auto g = DISPATCH_N(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale);
+  std::vector<double> df(A.size(1), 0.0);
+  rope_backward(Bx, g[3], cs, sn, rope_scale, df);
+  rope_backward(Cx, g[4], cs, sn, rope_scale, df);
+  auto dfreq = torch::empty({freq.numel()}, u.options());
+  for (int64_t n = 0; n < freq.numel(); ++n) dfreq.data_ptr<float>()[n] = (float)df[n];
+  g.push_back(dfreq);
+  return g;  // du, ddt, dA, dB, dC, dD, dz, dfreq (empty without RoPE)
 }
 
 }  // namespace
