@@ -85,3 +85,22 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(COMMON + ["--output", str(run), "--max-steps", "2", "--set", "max_nonfinite_in_a_row=3"]) == 2
     assert not (run / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.parametrize("zero_stage,precision,micro_batch", [(2, "bf16", 4), (3, "bf16", 4), (0, "fp32", 2)])
+def test_zero_stages_precisions_and_accumulation(tmp_path, zero_stage, precision, micro_batch):
+    """ZeRO 2/3 with bf16 and gradient accumulation (micro batch 2 of 4) train and consolidate to fp32."""
+    from defocus_clip.checkpoints import load_clip
+
+    run = tmp_path / "run"
+    argv = COMMON + ["--set", f"deepspeed.zero_stage={zero_stage}", "--set", f"deepspeed.precision={precision}",
+                     "--set", f"data.micro_batch_size={micro_batch}", "--output", str(run), "--max-steps", "2"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    loaded = load_clip(run)
+    params = dict(loaded.model.named_parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params.values())
+    with torch.no_grad():
+        emb = loaded.model.encode_image(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 128) and torch.isfinite(emb).all()
