@@ -128,7 +128,7 @@ def test_fused_defocus_chain_matches_float64_composition(bt, d, length, n, group
     u = u.transpose(1, 2).contiguous()  # (Bt, L, D): the layout of the linears
     dt = torch.randn(bt, length, d, generator=g) * 6
     Dk = torch.randn(d, generator=g)
-    zz = torch.randn(bt, length, 2 * d, generator=g)  # z is a channel slice, as after in_proj(...).chunk(2)
+    zz = torch.randn(bt, length + 1, 2 * d, generator=g)  # z: a channel slice, as after in_proj(...).chunk(2)
     xdbl = torch.cat((torch.randn(bt, length, 3, generator=g), B.transpose(1, 2), C.transpose(1, 2)), -1)
     freq = torch.rand(n, generator=g) * 0.8
     ins = [t.requires_grad_() for t in (u, dt, A, xdbl, Dk, zz, freq)]
@@ -136,7 +136,8 @@ def test_fused_defocus_chain_matches_float64_composition(bt, d, length, n, group
 
     def run(u, dt, A, xdbl, Dk, zz, freq, fn):
         Bx, Cx = xdbl[..., 3:3 + n], xdbl[..., 3 + n:]
-        return fn(u, dt, A, Bx, Cx, Dk, zz[..., d:], group, scale, freq if rope else None, rope_scale)
+        # z's image stride is not L times its row stride (token 0 dropped): the kernel must use all strides
+        return fn(u, dt, A, Bx, Cx, Dk, zz[:, 1:, d:], group, scale, freq if rope else None, rope_scale)
 
     out = run(*ins, scan_cpu.defocus_chain_cpp)
     expected = run(*ref, chain_reference)
@@ -179,12 +180,12 @@ def conv_reference(x, weight, bias):
 def test_causal_conv_silu_matches_float64_conv1d(bt, length, d, k):
     """Outputs and gradients of x (read as the u half of a wider in_proj output), weight and bias; L < K included."""
     g = torch.Generator().manual_seed(7)
-    xz = torch.randn(bt, length, 2 * d, generator=g, requires_grad=True)
+    xz = torch.randn(bt, length + 1, 2 * d, generator=g, requires_grad=True)  # u = xz[:, 1:, :d]: every stride odd
     w = (torch.randn(d, k, generator=g) * 0.7).requires_grad_()
     b = torch.randn(d, generator=g).requires_grad_()
     xz6, w6, b6 = (t.detach().double().requires_grad_() for t in (xz, w, b))
-    out = scan_cpu.causal_conv_silu_cpp(xz[..., :d], w, b)
-    expected = conv_reference(xz6[..., :d], w6, b6)
+    out = scan_cpu.causal_conv_silu_cpp(xz[:, 1:, :d], w, b)
+    expected = conv_reference(xz6[:, 1:, :d], w6, b6)
     assert out.shape == (bt, length, d) and out.is_contiguous()
     assert rel_err(out, expected) < 1e-6
     probe = torch.randn(expected.shape, generator=g, dtype=torch.float64)
@@ -193,7 +194,7 @@ def test_causal_conv_silu_matches_float64_conv1d(bt, length, d, k):
     for name, ours, theirs in zip(("x", "weight", "bias"), grads, expected_grads):
         assert ours.shape == theirs.shape, name
         assert rel_err(ours, theirs) < 1e-5, name
-    assert grads[0][..., d:].abs().max() == 0  # the z half gets nothing from the conv
+    assert grads[0][..., d:].abs().max() == 0 and grads[0][:, 0].abs().max() == 0  # outside the slice: nothing
 
 
 @needs_cpp

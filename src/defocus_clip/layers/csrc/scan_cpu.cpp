@@ -443,7 +443,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
   const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float* pz = z.data_ptr<float>();
-  const int64_t zs = z.stride(1);  // z may be a view of the in_proj output (stride 2D)
+  const int64_t zsb = z.stride(0), zs = z.stride(1);  // z may be a view of the in_proj output (rows of stride 2D)
   float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
   at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
@@ -465,7 +465,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
         chan_fwd<NV>(ub.data() + (c - c0) * L, dlb.data() + (c - c0) * L, pA + c * N, pB + b * L * N,
                      pC + b * L * N, L, N, py + b * L * D + c, D, nullptr, nullptr);
       for (int64_t t = 0; t < L; ++t) {
-        const float *yt = py + (b * L + t) * D, *ut = pu + (b * L + t) * D, *zt = pz + b * L * zs + t * zs;
+        const float *yt = py + (b * L + t) * D, *ut = pu + (b * L + t) * D, *zt = pz + b * zsb + t * zs;
         float* ot = po + (b * L + t) * D;
         float r = 1.f;
         if (G > 0) {
@@ -503,7 +503,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
   const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float *pz = z.data_ptr<float>(), *py = yraw.data_ptr<float>(), *pdo = dout.data_ptr<float>();
-  const int64_t zs = z.stride(1);
+  const int64_t zsb = z.stride(0), zs = z.stride(1);
   float *pdu = du.data_ptr<float>(), *pddt = ddt.data_ptr<float>(), *pdz = dz.data_ptr<float>();
   float *pdA = dA.data_ptr<float>(), *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
   float* pdD = dD.data_ptr<float>();
@@ -520,7 +520,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
       // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (b * L + t) * D;
-        const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * L * zs + t * zs;
+        const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * zsb + t * zs;
         float *dzt = pdz + row, *dut = pdu + row;
         float r = 1.f;
         if (G > 0) {
