@@ -25,6 +25,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def setup_logging(verbose: bool = False) -> None:
+    """Our loggers at INFO (DEBUG with -v); other libraries stay at WARNING so their chatter stays out of the way."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
+    logging.getLogger("defocus_clip").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="defocus-clip",
@@ -48,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

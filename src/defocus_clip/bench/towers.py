@@ -11,6 +11,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
 
     python -m defocus_clip.bench.towers [--models ViT-B-32 DeFocus-Mamba-B-32] [--batch-size 8]
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
+    python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
 """
 
 from __future__ import annotations
@@ -251,10 +252,92 @@ def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, r
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
+def _layer_modules(tokens: int, dim: int = 768):
+    """One B/32 De-focus Mamba layer (RMSNorm + mixer, inner 2 dim, N 16, initialised as in the tower) and one timm
+    ViT-B block (dim 768, 12 heads, MLP 4x, qkv bias), both in train mode."""
+    import timm.models.vision_transformer as tvt
+
+    from ..towers.mamba import DefocusMamba, DefocusMambaMixer, MambaBlock
+
+    mamba = MambaBlock(dim, DefocusMambaMixer(dim, 2 * dim))
+    mamba.apply(DefocusMamba._init_weights)
+    mamba.mixer.reset_dt_parameters()
+    vit = tvt.Block(dim, num_heads=12, mlp_ratio=4.0, qkv_bias=True)
+    return mamba.train(), vit.train()
+
+
+def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: int = 2, threads: int | None = None,
+                compare_source: str | None = None) -> dict:
+    """Forward + backward (`out.square().mean()`) of one Mamba layer vs one ViT block in this process, interleaved
+    step by step with a rotating order, so load changes hit both alike. Two Mamba layers have about the FLOPs of one
+    ViT block: ratio = ViT block time / (2 x Mamba layer time). `compare_source`: also time the Mamba layer with the
+    fused kernel built from another C++ source (e.g. the previous version), same process and inputs."""
+    import torch
+
+    from ..layers import scan_cpu
+    from ..layers.scan import resolve_scan_impl
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    mamba, vit = _layer_modules(tokens)
+    x = torch.randn(batch_size, tokens, 768)
+    kernels = {"mamba": scan_cpu._module()}
+    if compare_source:
+        kernels["mamba_compare"] = scan_cpu._build(Path(compare_source))
+
+    def step(name: str):
+        if name == "vit":
+            vit(x).square().mean().backward()
+            vit.zero_grad(set_to_none=True)
+            return
+        scan_cpu._state["mod"] = kernels[name]
+        try:
+            mamba(x).square().mean().backward()
+        finally:
+            scan_cpu._state["mod"] = kernels["mamba"]
+        mamba.zero_grad(set_to_none=True)
+
+    names = ["vit", *kernels]
+    for _ in range(warmup):
+        for n in names:
+            step(n)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(steps):
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            step(n)
+            times[n].append(time.perf_counter() - t0)
+    rows = {n: {"best_ms": round(min(ts) * 1e3, 1), "median_ms": round(statistics.median(ts) * 1e3, 1)}
+            for n, ts in times.items()}
+    for n in kernels:
+        rows[n]["ratio_best"] = round(rows["vit"]["best_ms"] / (2 * rows[n]["best_ms"]), 3)
+        rows[n]["ratio_median"] = round(rows["vit"]["median_ms"] / (2 * rows[n]["median_ms"]), 3)
+    return {"batch_size": batch_size, "tokens": tokens, "steps": steps, "threads": torch.get_num_threads(),
+            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "machine": _machine(),
+            "rows": rows}
+
+
+def format_layer(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"one layer: batch {result['batch_size']}, {result['tokens']} tokens, fp32 forward+backward, "
+             f"{result['threads']} threads, scan={result['scan_impl']}, {result['steps']} interleaved steps",
+             f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
+             f"load average {m['loadavg']}",
+             f"  {'module':<16} {'best ms':>8} {'median ms':>10} {'ViT/(2 x layer) best / median':>30}"]
+    for name, r in result["rows"].items():
+        ratio = f"{r['ratio_best']:.2f} / {r['ratio_median']:.2f}" if "ratio_best" in r else ""
+        lines.append(f"  {name:<16} {r['best_ms']:8.1f} {r['median_ms']:10.1f} {ratio:>30}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m defocus_clip.bench.towers", description=__doc__.split("\n")[0])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     p.add_argument("--profile", default=None, metavar="MODEL", help="print a per-op torch.profiler table")
+    p.add_argument("--layer", action="store_true", help="one Mamba layer vs one ViT block, same process")
+    p.add_argument("--compare-source", default=None, metavar="CPP",
+                   help="--layer: also time the Mamba layer with the kernel built from this C++ source")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
@@ -265,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
+    elif a.layer:
+        print(format_layer(bench_layer(a.batch_size, steps=max(a.steps, 1), warmup=a.warmup, threads=a.threads,
+                                       compare_source=a.compare_source)))
     elif a.profile:
         print(profile_tower(a.profile, a.batch_size, a.image_size, a.steps, threads=a.threads))
     else:

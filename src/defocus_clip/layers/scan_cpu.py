@@ -43,14 +43,15 @@ def _cflags() -> list[str]:
     return flags
 
 
-def _build() -> ModuleType:
+def _build(source: Path = _SOURCE) -> ModuleType:
+    """Compile (or load the cached build of) `source`; another source than the shipped one is for benchmarks."""
     from torch.utils.cpp_extension import load
 
     flags = _cflags()
-    digest = hashlib.sha1(_SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    digest = hashlib.sha1(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
     return load(
         name=f"defocus_scan_cpu_{digest[:12]}",
-        sources=[str(_SOURCE)],
+        sources=[str(source)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,

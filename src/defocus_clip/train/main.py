@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..cli import setup_logging
 from ..errors import ConfigError, DefocusError
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_recipe, load_recipe
@@ -45,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+    setup_logging()
     try:
         train(args.recipe, overrides=args.overrides, output=args.output, max_steps=args.max_steps,
               resume=args.resume)

@@ -432,12 +432,85 @@ void rope_backward(const torch::Tensor& x, torch::Tensor& dx, const std::vector<
 // Channel tiles: a group when the group norm is on (it couples the group's channels), else up to 64 channels.
 inline int64_t tile_width(int64_t D, int64_t G) { return G > 0 ? G : std::min<int64_t>(D, 64); }
 
-template <int NV>
+// The chain's scan runs 8 channels at a time, one channel per vector lane, over token-major (L, TWp) tile buffers
+// (TWp: the tile width rounded up to 8; pad lanes hold u = delta = dy = 0 and contribute exactly nothing). Every
+// per-channel quantity (y, du, ddelta, dA) is then lane-wise, with no horizontal sums in the token loop; the sums over
+// channels (dB, dC) are accumulated as vectors per (token, state) over the tile and reduced once per tile.
+// NC: N at compile time (16: the Mamba models, loops unrolled), 0: any N (runtime, <= 256).
+// av: A of the 8 channels, (N, 8). Bl, Cl: (L, N) of the image. s: the row stride of u, dl, y, dy, du, ddl.
+// kStore: also write the states h_1..h_L into rows 1..L of hs ((L + 1, N, 8), row 0 zeros) and the decays into
+// as ((L, N, 8)) for the backward.
+template <int NC, bool kY, bool kStore>
+inline void grp_fwd(const float* u, const float* dl, int64_t s, const float* av, const float* Bl, const float* Cl,
+                    int L, int Nrt, float* y, float* hs, float* as) {
+  const int N = NC > 0 ? NC : Nrt;
+  v8f h[NC > 0 ? NC : 256];
+  for (int n = 0; n < N; ++n) h[n] = v8f{};
+  if constexpr (kStore)
+    for (int n = 0; n < N; ++n) vstore(hs + 8 * n, v8f{});
+  for (int t = 0; t < L; ++t) {
+    const v8f d = vload(dl + t * s), du = d * vload(u + t * s);
+    const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
+    v8f acc{};
+    for (int n = 0; n < N; ++n) {
+      const v8f at = vexp(vload(av + 8 * n) * d);
+      h[n] = at * h[n] + du * Bt[n];
+      if constexpr (kY) acc += h[n] * Ct[n];
+      if constexpr (kStore) {
+        vstore(hs + ((long)(t + 1) * N + n) * 8, h[n]);
+        vstore(as + ((long)t * N + n) * 8, at);
+      }
+    }
+    if constexpr (kY) vstore(y + t * s, acc);
+  }
+}
+
+// Backward of grp_fwd given dy: recomputes the states, then the reverse pass
+//   g_t = C_t dy_t + a_{t+1} g_{t+1} (adjoint of h_t);  d loss / d(delta_t A) = g_t h_{t-1} a_t.
+// Writes du, ddl (rows of stride s); accumulates dA into dAv ((N, 8)) and dB, dC into dBv, dCv ((L, N, 8)).
+template <int NC>
+inline void grp_bwd(const float* u, const float* dl, const float* dy, int64_t s, const float* av, const float* Bl,
+                    const float* Cl, int L, int Nrt, float* hs, float* as, float* du, float* ddl, float* dAv,
+                    float* dBv, float* dCv) {
+  const int N = NC > 0 ? NC : Nrt;
+  grp_fwd<NC, false, true>(u, dl, s, av, Bl, Cl, L, Nrt, nullptr, hs, as);
+  v8f g[NC > 0 ? NC : 256], an[NC > 0 ? NC : 256], dA[NC > 0 ? NC : 256];
+  for (int n = 0; n < N; ++n) g[n] = an[n] = dA[n] = v8f{};
+  for (int t = L - 1; t >= 0; --t) {
+    const v8f d = vload(dl + t * s), ut = vload(u + t * s), dyt = vload(dy + t * s), dut = d * ut;
+    const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
+    v8f s_ad{}, s_gb{};
+    for (int n = 0; n < N; ++n) {
+      const long o = ((long)t * N + n) * 8;
+      const v8f at = vload(as + o);
+      const v8f gn = g[n] * an[n] + dyt * Ct[n];
+      g[n] = gn;
+      an[n] = at;
+      vstore(dCv + o, vload(dCv + o) + vload(hs + o + 8 * N) * dyt);  // h_t
+      const v8f dla = gn * vload(hs + o) * at;                       // h_{t-1}
+      dA[n] += dla * d;
+      s_ad += dla * vload(av + 8 * n);
+      s_gb += gn * Bt[n];
+      vstore(dBv + o, vload(dBv + o) + gn * dut);
+    }
+    vstore(ddl + t * s, s_ad + s_gb * ut);
+    vstore(du + t * s, s_gb * d);
+  }
+  for (int n = 0; n < N; ++n) vstore(dAv + 8 * n, vload(dAv + 8 * n) + dA[n]);
+}
+
+// A of channels [c, c + 8) (those below c1; 0 beyond) as (N, 8) lanes.
+inline void gather_a(const float* pA, int64_t c, int64_t c1, int64_t N, float* av) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int k = 0; k < 8; ++k) av[n * 8 + k] = c + k < c1 ? pA[(c + k) * N + n] : 0.f;
+}
+
+template <int NC>
 std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, int64_t G,
                                             double delta_scale) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
-  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW;
+  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW, TWp = (TW + 7) / 8 * 8;
   auto out = torch::empty({Bt, L, D}, u.options());
   auto yraw = torch::empty({Bt, L, D}, u.options());  // the scan output: saved for the backward
   const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
@@ -447,41 +520,41 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
   float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
   at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ub(TW * L), dlb(TW * L);  // (channel, L) tiles
+    std::vector<float> ub(L * TWp, 0.f), dlb(L * TWp, 0.f), yb(L * TWp), av(N * 8);  // (L, TWp) tiles
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / ntiles, c0 = (i % ntiles) * TW, c1 = std::min(D, c0 + TW);
       for (int64_t t = 0; t < L; ++t) {
         const float *ut = pu + (b * L + t) * D, *dtt = pdt + (b * L + t) * D;
+        float *ubt = ub.data() + t * TWp - c0, *dlt = dlb.data() + t * TWp - c0;
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
-          const T d = softplus_t(ld<T>(dtt + c)) * inv_scale, uu = ld<T>(ut + c);
-          for (int k = 0; k < kLanes<T>; ++k) {
-            dlb[(c - c0 + k) * L + t] = lane(d, k);
-            ub[(c - c0 + k) * L + t] = lane(uu, k);
-          }
+          st(dlt + c, softplus_t(ld<T>(dtt + c)) * inv_scale);
+          st(ubt + c, ld<T>(ut + c));
         });
+        for (int64_t c = c1; c < c0 + TWp; ++c) ubt[c] = dlt[c] = 0.f;  // pad lanes (a narrower last tile)
       }
-      for (int64_t c = c0; c < c1; ++c)
-        chan_fwd<NV>(ub.data() + (c - c0) * L, dlb.data() + (c - c0) * L, pA + c * N, pB + b * L * N,
-                     pC + b * L * N, L, N, py + b * L * D + c, D, nullptr, nullptr);
+      for (int64_t c = c0; c < c1; c += 8) {
+        gather_a(pA, c, c1, N, av.data());
+        grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), TWp, av.data(), pB + b * L * N,
+                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr);
+      }
       for (int64_t t = 0; t < L; ++t) {
-        const float *yt = py + (b * L + t) * D, *ut = pu + (b * L + t) * D, *zt = pz + b * zsb + t * zs;
-        float* ot = po + (b * L + t) * D;
+        const float *ybt = yb.data() + t * TWp - c0, *ut = pu + (b * L + t) * D, *zt = pz + b * zsb + t * zs;
+        float *ot = po + (b * L + t) * D, *yt = py + (b * L + t) * D;
         float r = 1.f;
-        if (G > 0) {
-          v8f ssv{};
-          float sss = 0.f;
-          for_lanes(c0, c1, [&](int64_t c, auto tag) {
-            using T = decltype(tag);
-            const T y = ld<T>(yt + c);
-            if constexpr (std::is_same_v<T, v8f>) ssv += y * y; else sss += y * y;
-          });
-          r = 1.f / std::sqrt((hsum(ssv) + sss) / (float)(c1 - c0) + kGroupEps);
-        }
+        v8f ssv{};
+        float sss = 0.f;
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          const T y = ld<T>(ybt + c);
+          st(yt + c, y);
+          if constexpr (std::is_same_v<T, v8f>) ssv += y * y; else sss += y * y;
+        });
+        if (G > 0) r = 1.f / std::sqrt((hsum(ssv) + sss) / (float)(c1 - c0) + kGroupEps);
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
           const T zz = ld<T>(zt + c);
-          st(ot + c, (ld<T>(yt + c) * r + ld<T>(pD + c) * ld<T>(ut + c)) * zz * sigmoid_t(zz));
+          st(ot + c, (ld<T>(ybt + c) * r + ld<T>(pD + c) * ld<T>(ut + c)) * zz * sigmoid_t(zz));
         });
       }
     }
@@ -489,12 +562,12 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
   return {out, yraw};
 }
 
-template <int NV>
+template <int NC>
 std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                             torch::Tensor dout, int64_t G, double delta_scale) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
-  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW;
+  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW, TWp = (TW + 7) / 8 * 8;
   auto du = torch::empty({Bt, L, D}, u.options());
   auto ddt = torch::empty({Bt, L, D}, u.options());
   auto dz = torch::empty({Bt, L, D}, u.options());
@@ -511,10 +584,10 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
   std::mutex mu;
   at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t b0 = begin / ntiles, b1 = (end - 1) / ntiles;
-    // (channel, L) tiles: u, delta, sigmoid(dt) / delta_scale, d loss / d y
-    std::vector<float> ub(TW * L), dlb(TW * L), sgb(TW * L), dyb(TW * L);
-    std::vector<float> hs((L + 1) * N), as(L * N), yb(L), duc(L), ddl(L), lA(D * N, 0.f), lD(D, 0.f);
-    std::vector<float> lB((b1 - b0 + 1) * L * N, 0.f), lC((b1 - b0 + 1) * L * N, 0.f);
+    // (L, TWp) tiles: u, delta, d loss / d y, then the scan's du and d delta
+    std::vector<float> ub(L * TWp, 0.f), dlb(L * TWp, 0.f), dyb(L * TWp, 0.f), duc(L * TWp), ddl(L * TWp);
+    std::vector<float> hs((L + 1) * N * 8), as(L * N * 8), av(N * 8), dAv(N * 8), dBv(L * N * 8), dCv(L * N * 8);
+    std::vector<float> lA(D * N, 0.f), lD(D, 0.f), lB((b1 - b0 + 1) * L * N, 0.f), lC((b1 - b0 + 1) * L * N, 0.f);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / ntiles, c0 = (i % ntiles) * TW, c1 = std::min(D, c0 + TW);
       // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token
@@ -522,6 +595,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
         const int64_t row = (b * L + t) * D;
         const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * zsb + t * zs;
         float *dzt = pdz + row, *dut = pdu + row;
+        float *ubt = ub.data() + t * TWp - c0, *dlt = dlb.data() + t * TWp - c0, *dyt = dyb.data() + t * TWp - c0;
         float r = 1.f;
         if (G > 0) {
           v8f ssv{};
@@ -543,33 +617,44 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
           st(lD.data() + c, ld<T>(lD.data() + c) + dpre * uu);
           st(dut + c, dpre * dk);  // the D-skip part of du; the scan part is added below
           if constexpr (std::is_same_v<T, v8f>) dotv += dpre * yn; else dots += dpre * yn;
-          const T x = ld<T>(dtt + c), dl = softplus_t(x) * inv_scale, sgd = sigmoid_t(x) * inv_scale;
-          for (int k = 0; k < kLanes<T>; ++k) {
-            const int64_t o = (c - c0 + k) * L + t;
-            dyb[o] = lane(dpre, k);  // d loss / d yn for now
-            ub[o] = lane(uu, k);
-            dlb[o] = lane(dl, k);
-            sgb[o] = lane(sgd, k);
-          }
+          st(dyt + c, dpre);  // d loss / d yn for now
+          st(ubt + c, uu);
+          st(dlt + c, softplus_t(ld<T>(dtt + c)) * inv_scale);
         });
+        for (int64_t c = c1; c < c0 + TWp; ++c) ubt[c] = dlt[c] = dyt[c] = 0.f;  // pad lanes
         if (G > 0) {  // d y = r (d yn - yn mean(d yn * yn))
           const float m = (hsum(dotv) + dots) / (float)(c1 - c0);
-          for (int64_t c = c0; c < c1; ++c) {
-            float& v = dyb[(c - c0) * L + t];
-            v = r * (v - yt[c] * r * m);
-          }
+          for_lanes(c0, c1, [&](int64_t c, auto tag) {
+            using T = decltype(tag);
+            st(dyt + c, (ld<T>(dyt + c) - ld<T>(yt + c) * (r * m)) * r);
+          });
         }
       }
+      std::fill(dBv.begin(), dBv.end(), 0.f);
+      std::fill(dCv.begin(), dCv.end(), 0.f);
+      for (int64_t c = c0; c < c1; c += 8) {
+        const int64_t o = c - c0;
+        gather_a(pA, c, c1, N, av.data());
+        std::fill(dAv.begin(), dAv.end(), 0.f);
+        grp_bwd<NC>(ub.data() + o, dlb.data() + o, dyb.data() + o, TWp, av.data(), pB + b * L * N, pC + b * L * N,
+                    L, N, hs.data(), as.data(), duc.data() + o, ddl.data() + o, dAv.data(), dBv.data(), dCv.data());
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < 8 && c + k < c1; ++k) lA[(c + k) * N + n] += dAv[n * 8 + k];
+      }
       const int64_t off = (b - b0) * L * N;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t o = (c - c0) * L;
-        chan_bwd<NV>(ub.data() + o, dlb.data() + o, pA + c * N, pB + b * L * N, pC + b * L * N, L, N,
-                     dyb.data() + o, hs.data(), as.data(), yb.data(), duc.data(), ddl.data(), lA.data() + c * N,
-                     lB.data() + off, lC.data() + off);
-        for (int64_t t = 0; t < L; ++t) {
-          pdu[(b * L + t) * D + c] += duc[t];
-          pddt[(b * L + t) * D + c] = ddl[t] * sgb[o + t];
-        }
+      for (int64_t k = 0; k < L * N; ++k) {
+        lB[off + k] += hsum(vload(dBv.data() + 8 * k));
+        lC[off + k] += hsum(vload(dCv.data() + 8 * k));
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t row = (b * L + t) * D;
+        const float *dtt = pdt + row, *duct = duc.data() + t * TWp - c0, *ddlt = ddl.data() + t * TWp - c0;
+        float *dut = pdu + row, *ddtt = pddt + row;
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          st(dut + c, ld<T>(dut + c) + ld<T>(duct + c));
+          st(ddtt + c, ld<T>(ddlt + c) * sigmoid_t(ld<T>(dtt + c)) * inv_scale);
+        });
       }
     }
     std::lock_guard<std::mutex> lock(mu);
@@ -595,6 +680,7 @@ void check_scan(const torch::Tensor& u, const torch::Tensor& A, const torch::Ten
 
 #define DISPATCH_N(N, FN, ...) \
   ((N) == 16 ? FN<2>(__VA_ARGS__) : (N) == 8 ? FN<1>(__VA_ARGS__) : FN<0>(__VA_ARGS__))
+#define DISPATCH_NC(N, FN, ...) ((N) == 16 ? FN<16>(__VA_ARGS__) : FN<0>(__VA_ARGS__))
 
 std::vector<torch::Tensor> scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bl,
                                     torch::Tensor Cl) {
@@ -642,7 +728,7 @@ std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch:
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  return DISPATCH_N(A.size(1), defocus_fwd_impl, u, dt, A, Bl, Cl, Dskip, z, G, delta_scale);
+  return DISPATCH_NC(A.size(1), defocus_fwd_impl, u, dt, A, Bl, Cl, Dskip, z, G, delta_scale);
 }
 
 std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bx,
@@ -656,7 +742,7 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  auto g = DISPATCH_N(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale);
+  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale);
   std::vector<double> df(A.size(1), 0.0);
   rope_backward(Bx, g[3], cs, sn, rope_scale, df);
   rope_backward(Cx, g[4], cs, sn, rope_scale, df);
