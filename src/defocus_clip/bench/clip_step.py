@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
-import time
 
-from .towers import _machine, _peak_mb, _reset_peak, _rss_mb
+from .measure import add_ratios, machine_info, run_worker, summarise, time_steps
 
 DEFAULT_MODELS = ("DeFocus-Mamba-B-32", "ViT-B-32")
 BASELINE = "ViT-B-32"
@@ -55,33 +52,14 @@ def measure(model_name: str, batch_size: int, steps: int, warmup: int, threads: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    base = _rss_mb()
-    exact = _reset_peak() and base is not None
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = _peak_mb()
-    step_s = statistics.median(times)
     return {"model": model_name, "params_m": round(sum(p.numel() for p in task.parameters()) / 1e6, 2),
-            "image_size": size, "aux_loss": aux_weight > 0, "step_s": round(step_s, 4),
-            "step_times_s": [round(t, 4) for t in times], "img_s": round(batch_size / step_s, 2),
-            "peak_step_mb": round(peak - base, 1) if exact else None, "peak_rss_mb": round(peak, 1),
-            "threads": torch.get_num_threads()}
+            "image_size": size, "aux_loss": aux_weight > 0, **time_steps(step, batch_size, steps, warmup)}
 
 
 def _run_worker(model: str, batch_size: int, steps: int, warmup: int, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "defocus_clip.bench.clip_step", "--worker", model, "--batch-size",
-           str(batch_size), "--steps", str(steps), "--warmup", str(warmup)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"CLIP step benchmark of {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["--worker", model, "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", str(warmup)]
+    return run_worker("defocus_clip.bench.clip_step", args + (["--threads", str(threads)] if threads else []),
+                      f"the CLIP step of {model}")
 
 
 def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 1, repeats: int = 3,
@@ -92,20 +70,12 @@ def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 1, repea
     for _ in range(repeats):
         for m in models:  # interleaved: drift in machine load hits every model alike
             runs[m].append(_run_worker(m, batch_size, steps, warmup, threads))
-    rows = []
-    for rs in runs.values():
-        peaks = [r["peak_step_mb"] for r in rs if r["peak_step_mb"] is not None]
-        rows.append({**{k: rs[0][k] for k in ("model", "params_m", "image_size", "aux_loss", "threads")},
-                     "img_s": round(statistics.median(r["img_s"] for r in rs), 2),
-                     "img_s_all": [r["img_s"] for r in rs],
-                     "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None})
+    rows = [{**{k: rs[0][k] for k in ("model", "params_m", "image_size", "aux_loss", "threads")}, **summarise(rs)}
+            for rs in runs.values()]
     base = next((r for r in rows if r["model"] == BASELINE), None)
-    for r in rows:
-        r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3) if base else None
-        r["memory_ratio"] = (round(r["peak_step_mb"] / base["peak_step_mb"], 3)
-                             if base and r["peak_step_mb"] and base["peak_step_mb"] else None)
+    add_ratios(rows, base)
     return {"benchmark": "clip_step", "batch_size": batch_size, "steps": steps, "repeats": repeats,
-            "baseline": BASELINE if base else None, "machine": _machine(), "rows": rows}
+            "baseline": BASELINE if base else None, "machine": machine_info(), "rows": rows}
 
 
 def format_clip_step(result: dict) -> str:

@@ -1,0 +1,113 @@
+"""How every benchmark measures: median step time, images/s and peak step memory, one model per fresh process.
+
+Peak memory is the peak resident set during the timed steps (Linux `VmHWM`, reset through `/proc/self/clear_refs`
+once the model and batch are in memory) minus the resident set at that point: `tracemalloc` does not see torch's
+allocator. Freed heap pages are not always returned to the OS, so this is an upper bound of the live peak,
+comparable between models measured the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def rss_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return None
+
+
+def reset_peak() -> bool:
+    try:  # "5": reset the peak resident set size (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: int) -> dict:
+    """Run `warmup` untimed and `steps` timed calls of `step`; median time, images/s and peak step memory."""
+    import torch
+
+    base = rss_mb()
+    exact = reset_peak() and base is not None
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = peak_mb()
+    step_s = statistics.median(times)
+    return {
+        "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
+        "img_s": round(batch_size / step_s, 2), "peak_step_mb": round(peak - base, 1) if exact else None,
+        "peak_rss_mb": round(peak, 1), "threads": torch.get_num_threads(),
+    }
+
+
+def run_worker(module: str, args: list[str], what: str) -> dict:
+    """`python -m module --worker ... args` in a fresh process (peaks and caches of models never mix); its last
+    stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Median images/s and peak step memory over the repeats of one model."""
+    peaks = [r["peak_step_mb"] for r in runs if r["peak_step_mb"] is not None]
+    return {
+        "img_s": round(statistics.median(r["img_s"] for r in runs), 2), "img_s_runs": [r["img_s"] for r in runs],
+        "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None,
+        "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs), 1),
+    }
+
+
+def add_ratios(rows: list[dict], base: dict | None) -> None:
+    """Speed and memory of every row relative to the baseline row, in place."""
+    for r in rows:
+        r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3) if base else None
+        r["memory_ratio"] = (round(r["peak_step_mb"] / base["peak_step_mb"], 3)
+                             if base and r["peak_step_mb"] and base["peak_step_mb"] else None)
+
+
+def machine_info() -> dict:
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
