@@ -112,14 +112,16 @@ def chain_reference(u, dt, A, B, C, D, z, group, scale, freq=None, rope_scale=1.
 @pytest.mark.parametrize(
     "bt,d,length,n,group,rope",
     [(2, 8, 9, 16, 0, False), (2, 8, 9, 16, 4, True), (1, 24, 5, 16, 8, True), (2, 12, 3, 6, 0, True),
-     (2, 12, 3, 5, 0, False), (1, 70, 4, 8, 0, True), (2, 8, 1, 16, 0, True)],
+     (2, 12, 3, 5, 0, False), (1, 70, 4, 8, 0, True), (2, 8, 1, 16, 0, True), (2, 12, 7, 16, 6, True),
+     (1, 130, 3, 16, 0, True), (2, 64, 50, 16, 32, True)],
     ids=lambda v: str(v),
 )
 def test_fused_defocus_chain_matches_float64_composition(bt, d, length, n, group, rope):
     """(RoPE of B, C) -> softplus -> scan -> group RMS norm -> + D u -> * SiLU(z): outputs and all gradients.
 
-    Shapes cover 8-channel vectors with and without a scalar tail, several channel tiles (70 = 64 + 6), N without a
-    vector path (5, 6), L = 1; dt spans softplus's whole range (tiny to large delta); z, B and C are read as channel
+    The kernel runs 8 channels per vector (pad lanes for a tile narrower than 8 or with a tail: groups of 4 and 6,
+    70 = 64 + 6 and 130 = 64 + 64 + 2 channels), N = 16 unrolled and other N at run time (5, 6, 8), L = 1 and L = 50
+    (224 px at patch 32); dt spans softplus's whole range (tiny to large delta); z, B and C are read as channel
     slices of wider tensors (the in_proj / x_proj outputs).
     """
     scale, rope_scale = 2.0, 1.5

@@ -14,8 +14,9 @@
 //        delta = softplus(dt) / delta_scale                    u, dt, z, out: (Bt, L, D) (the layout of the linears)
 //        y = scan(u, delta, A, B, C)
 //        out = (group_rms_norm(y) + D u) * silu(z)            G = 0: no group norm (the plain Mamba baseline)
-//    A tile of channels of one image is transposed into thread-local (channel, L) buffers, so the scan reads
-//    contiguous rows while global memory is only touched in the (Bt, L, D) layout, token by token.
+//    A tile of channels of one image is copied into thread-local token-major (L, 8k) buffers; the scan then runs
+//    8 channels at a time, one per vector lane (see grp_fwd), while global memory is only touched in the (Bt, L, D)
+//    layout, token by token.
 //    Optionally the learnable RoPE of B and C is applied first (freq non-empty), as layers/rope.py defines it:
 //        theta_tn = (t / rope_scale) freq_n,  x'_2i = x_2i cos theta_2i - x_2i+1 sin theta_2i,
 //                                              x'_2i+1 = x_2i+1 cos theta_2i+1 + x_2i sin theta_2i+1

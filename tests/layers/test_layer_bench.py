@@ -1,0 +1,36 @@
+"""The per-layer benchmark (`python -m defocus_clip.bench.towers --layer`): runs, reports both modules and the ratio
+ViT block / (2 x Mamba layer), and times a kernel built from another source in the same process."""
+
+from __future__ import annotations
+
+import pytest
+
+from defocus_clip.bench import towers
+from defocus_clip.layers import scan_cpu
+
+
+def test_layer_bench_reports_times_and_ratio():
+    result = towers.bench_layer(batch_size=1, tokens=3, steps=2, warmup=0, threads=1)
+    rows = result["rows"]
+    assert set(rows) == {"vit", "mamba"}
+    for r in rows.values():
+        assert 0 < r["best_ms"] <= r["median_ms"]
+    expected = rows["vit"]["best_ms"] / (2 * rows["mamba"]["best_ms"])
+    assert rows["mamba"]["ratio_best"] == pytest.approx(expected, rel=0.02)
+    text = towers.format_layer(result)
+    assert "ViT/(2 x layer)" in text and f"{rows['mamba']['ratio_best']:.2f}" in text
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_layer_bench_compares_another_kernel_source_and_restores_the_shipped_one():
+    shipped = scan_cpu._module()
+    result = towers.bench_layer(batch_size=1, tokens=3, steps=1, warmup=0, compare_source=str(scan_cpu._SOURCE))
+    assert set(result["rows"]) == {"vit", "mamba", "mamba_compare"}
+    assert result["rows"]["mamba_compare"]["ratio_median"] > 0
+    assert scan_cpu._module() is shipped
+
+
+def test_layer_cli_prints_the_table(capsys):
+    assert towers.main(["--layer", "--batch-size", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("one layer: batch 1") and "mamba" in out
