@@ -20,10 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from .measure import add_ratios, machine_info, run_worker, summarise, time_steps
 
 BASELINE = "clip:ViT-B-32"
 GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
@@ -82,36 +82,6 @@ def build_tower(spec: str, image_size: int):
     return tower.train()
 
 
-def _rss_mb() -> float | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return None
-
-
-def _reset_peak() -> bool:
-    try:  # "5": reset the peak resident set size (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
     """One model in this process: median forward+backward step time, images/s and peak step memory."""
     import torch
@@ -129,50 +99,14 @@ def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int
         tower(images).float().square().mean().backward()
         tower.zero_grad(set_to_none=True)
 
-    base = _rss_mb()
-    exact = _reset_peak() and base is not None
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = _peak_mb()
-    step_s = statistics.median(times)
-    return {
-        "model": spec, "params_m": round(params / 1e6, 2), "step_s": round(step_s, 4),
-        "step_times_s": [round(t, 4) for t in times], "img_s": round(batch_size / step_s, 2),
-        "peak_step_mb": round(peak - base, 1) if exact else None, "peak_rss_mb": round(peak, 1),
-        "threads": torch.get_num_threads(), "scan_impl": resolve_scan_impl("cpu"),
-    }
+    return {"model": spec, "params_m": round(params / 1e6, 2), "scan_impl": resolve_scan_impl("cpu"),
+            **time_steps(step, batch_size, steps, warmup)}
 
 
 def _run_worker(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "defocus_clip.bench.towers", "--worker", spec, "--batch-size", str(batch_size),
-           "--image-size", str(image_size), "--steps", str(steps), "--warmup", str(warmup)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+    args = ["--worker", spec, "--batch-size", str(batch_size), "--image-size", str(image_size), "--steps", str(steps),
+            "--warmup", str(warmup)] + (["--threads", str(threads)] if threads else [])
+    return run_worker("defocus_clip.bench.towers", args, spec)
 
 
 def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, warmup: int = 1, repeats: int = 3,
@@ -184,25 +118,16 @@ def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, wa
     if BASELINE not in specs:
         specs.insert(0, BASELINE)
     scan_cpu.available()  # build (or load) the fused kernel once here, not inside a timed worker
-    machine = _machine()
+    machine = machine_info()
     runs: dict[str, list[dict]] = {s: [] for s in specs}
     for r in range(repeats):
         order = specs[r % len(specs):] + specs[: r % len(specs)]  # rotate: no model always runs first
         for spec in order:
             runs[spec].append(_run_worker(spec, batch_size, image_size, steps, warmup, threads))
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    rows = {}
-    for spec, rs in runs.items():
-        peaks = [x["peak_step_mb"] for x in rs if x["peak_step_mb"] is not None]
-        rows[spec] = {"params_m": rs[0]["params_m"], "img_s": round(statistics.median(x["img_s"] for x in rs), 2),
-                      "img_s_runs": [x["img_s"] for x in rs],
-                      "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None,
-                      "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in rs), 1)}
+    rows = {spec: {"params_m": rs[0]["params_m"], **summarise(rs)} for spec, rs in runs.items()}
     base = rows[BASELINE]
-    for row in rows.values():
-        row["speed_ratio"] = round(row["img_s"] / base["img_s"], 3)
-        row["memory_ratio"] = (round(row["peak_step_mb"] / base["peak_step_mb"], 3)
-                               if row["peak_step_mb"] and base["peak_step_mb"] else None)
+    add_ratios(list(rows.values()), base)
     return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "warmup": warmup, "repeats": repeats,
             "threads": runs[BASELINE][0]["threads"], "scan_impl": runs[BASELINE][0]["scan_impl"],
             "machine": machine, "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO},
@@ -314,7 +239,7 @@ def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: 
         rows[n]["ratio_best"] = round(rows["vit"]["best_ms"] / (2 * rows[n]["best_ms"]), 3)
         rows[n]["ratio_median"] = round(rows["vit"]["median_ms"] / (2 * rows[n]["median_ms"]), 3)
     return {"batch_size": batch_size, "tokens": tokens, "steps": steps, "threads": torch.get_num_threads(),
-            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "machine": _machine(),
+            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "machine": machine_info(),
             "rows": rows}
 
 
