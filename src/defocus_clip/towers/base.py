@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InputShapeError
+from ..errors import ConfigError, InputShapeError
 from ..layers.drop_path import set_drop_path_rates
 from ..layers.token_order import inverse_order, section_order
 
@@ -27,6 +27,14 @@ def reject_unknown_kwargs(name: str, kwargs: dict) -> None:
         kwargs.pop(k, None)
     if kwargs:
         raise TypeError(f"{name} got unexpected arguments: {sorted(kwargs)}")
+
+
+def check_attention_shape(depth: int, embed_dim: int, num_heads: int) -> None:
+    """The shape checks every multi-head tower needs before it builds anything."""
+    if depth < 1:
+        raise ConfigError(f"depth must be >= 1, got {depth}")
+    if embed_dim % num_heads:
+        raise ConfigError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
 
 
 def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:

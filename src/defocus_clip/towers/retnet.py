@@ -30,7 +30,7 @@ from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 
 from ..errors import ConfigError
 from ..layers.bandpass import BandpassFilter
-from .base import TokenTower, reject_unknown_kwargs
+from .base import TokenTower, check_attention_shape, reject_unknown_kwargs
 from .vit import LN_EPS6
 
 RETENTION_MODES = ("parallel", "recurrent")
@@ -186,10 +186,7 @@ class DefocusRetNet(TokenTower):
         **kwargs,
     ):
         reject_unknown_kwargs(type(self).__name__, kwargs)
-        if depth < 1:
-            raise ConfigError(f"depth must be >= 1, got {depth}")
-        if embed_dim % num_heads:
-            raise ConfigError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
+        check_attention_shape(depth, embed_dim, num_heads)
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             num_classes=num_classes, global_pool=global_pool, aux_head=aux_head, sections=sections,
