@@ -178,9 +178,12 @@ def conv_reference(x, weight, bias):
 
 
 @needs_cpp
-@pytest.mark.parametrize("bt,length,d,k", [(2, 9, 8, 4), (2, 3, 13, 4), (1, 1, 5, 4), (3, 2, 16, 4), (2, 6, 21, 2)])
+@pytest.mark.parametrize(
+    "bt,length,d,k", [(2, 9, 8, 4), (2, 3, 13, 4), (1, 1, 5, 4), (3, 2, 16, 4), (2, 6, 21, 2), (2, 5, 600, 4)]
+)
 def test_causal_conv_silu_matches_float64_conv1d(bt, length, d, k):
-    """Outputs and gradients of x (read as the u half of a wider in_proj output), weight and bias; L < K included."""
+    """Outputs and gradients of x (read as the u half of a wider in_proj output), weight and bias; L < K included;
+    600 channels span several of the backward's 256-channel blocks per thread."""
     g = torch.Generator().manual_seed(7)
     xz = torch.randn(bt, length + 1, 2 * d, generator=g, requires_grad=True)  # u = xz[:, 1:, :d]: every stride odd
     w = (torch.randn(d, k, generator=g) * 0.7).requires_grad_()
@@ -261,3 +264,23 @@ def test_build_can_be_disabled(monkeypatch):
     monkeypatch.setenv("DEFOCUS_SCAN_CPP_BUILD", "0")
     monkeypatch.setattr(scan_cpu, "_build", lambda: pytest.fail("must not build"))
     assert not scan_cpu.available()
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(2, 7, 768), (3, 13), (1, 1, 5), (4, 2, 19)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_rms_norm_matches_float64(shape):
+    """The blocks' pre-norm: outputs and the gradients of x and weight against F.rms_norm in float64 (channel counts
+    with and without a vector tail; x read from a non-contiguous view)."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(*shape[:-1], shape[-1] * 2, generator=g) * 3)[..., ::2].requires_grad_()
+    w = torch.randn(shape[-1], generator=g).requires_grad_()
+    x6, w6 = (t.detach().double().requires_grad_() for t in (x, w))
+    out = scan_cpu.rms_norm_cpp(x, w, 1e-5)
+    expected = F.rms_norm(x6, (shape[-1],), w6, 1e-5)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert rel_err(out, expected) < 1e-6
+    probe = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * probe.float()).sum(), (x, w))
+    expected_grads = torch.autograd.grad((expected * probe).sum(), (x6, w6))
+    for name, ours, theirs in zip(("x", "weight"), grads, expected_grads):
+        assert rel_err(ours, theirs) < 1e-5, name

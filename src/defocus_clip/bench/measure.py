@@ -8,6 +8,7 @@ comparable between models measured the same way.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -49,18 +50,26 @@ def peak_mb() -> float:
 
 
 def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: int) -> dict:
-    """Run `warmup` untimed and `steps` timed calls of `step`; median time, images/s and peak step memory."""
+    """Run `warmup` untimed and `steps` timed calls of `step`; median time, images/s and peak step memory.
+
+    The objects alive before the steps (imports, model) are frozen out of the cyclic garbage collector during the
+    steps, as the trainer does (`train.loop`): its full passes are noise of the process, not of the model."""
     import torch
 
     base = rss_mb()
     exact = reset_peak() and base is not None
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    gc.collect()
+    gc.freeze()
+    try:
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        gc.unfreeze()
     peak = peak_mb()
     step_s = statistics.median(times)
     return {

@@ -7,12 +7,14 @@ builds by several processes (test workers, DeepSpeed ranks) safe. No compiler, o
 warning and `available() == False`: callers then use the pure-PyTorch scan. `DEFOCUS_SCAN_CPP_BUILD=0` skips
 the build attempt altogether.
 
-Three ops, each an autograd function:
+Four ops, each an autograd function:
 - `selective_scan_cpp(u, delta, A, B, C)`: the plain scan, shapes as `scan.selective_scan`.
 - `causal_conv_silu_cpp(x, weight, bias)`: SiLU(causal depthwise conv1d + bias) along the tokens, in the (Bt, L, D)
   layout of the linears (no transposed copies, no mkldnn conv backward); x may be the u half of the in_proj output.
 - `defocus_chain_cpp(u, dt, A, B, C, D, z, group_size, delta_scale)`: softplus(dt) / delta_scale -> scan ->
   group RMS norm -> + D u -> * SiLU(z) in one pass, reading and writing the (Bt, L, D) layout of the linears.
+- `rms_norm_cpp(x, weight, eps)`: RMSNorm over the last dim, one pass forward and one backward (the eager
+  composition costs ~10 passes over the activations of every block).
 """
 
 from __future__ import annotations
@@ -166,3 +168,24 @@ def defocus_chain_cpp(
     Returns (Bt, L, D); gradients for every tensor input.
     """
     return _DefocusChainFn.apply(u, dt, A, B, C, D, z, freq, int(group_size), float(delta_scale), float(rope_scale))
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _module().rms_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _module().rms_bwd(dy.contiguous(), x, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.rms_norm(x, (C,), weight, eps)` for a float32 CPU x (..., C) and weight (C,), fused; gradients for both."""
+    shape = x.shape
+    y = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps))
+    return y.view(shape)

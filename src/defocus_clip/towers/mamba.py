@@ -19,7 +19,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..layers.rope import apply_rope, rope_angles
 from ..layers.scan import resolve_scan_impl, selective_scan
-from ..layers.scan_cpu import causal_conv_silu_cpp, defocus_chain_cpp
+from ..layers.scan_cpu import causal_conv_silu_cpp, defocus_chain_cpp, rms_norm_cpp
 from .base import TokenTower, reject_unknown_kwargs
 
 
@@ -31,10 +31,13 @@ def official_rope_freq(d_state: int) -> torch.Tensor:
 
 class RMSNormFp32(nn.RMSNorm):
     """RMSNorm computed in float32 (the residual stream is float32), output cast to the autocast dtype by the
-    next linear layer."""
+    next linear layer. `fused=True` (the block's mixer runs the fused CPU kernels) uses the one-pass CPU kernel for
+    float32 CPU inputs."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (reference checks)
+        if fused and dtype == torch.float32 and x.device.type == "cpu":
+            return rms_norm_cpp(x.float(), self.weight.float(), self.eps)
         return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps)
 
 
@@ -145,8 +148,10 @@ class MambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 residual (fp64 after model.double())
-        h = self.norm(x).to(self.mixer.in_proj.weight.dtype)  # weights may be cast to bf16 (DeepSpeed bf16)
-        return x + self.drop_path(self.mixer(h)).to(x.dtype)
+        mixer = self.mixer
+        fused = resolve_scan_impl(x.device, mixer.scan_impl, mixer.A_log.dtype) == "cpp"
+        h = self.norm(x, fused=fused).to(mixer.in_proj.weight.dtype)  # weights may be bf16 (DeepSpeed bf16)
+        return x + self.drop_path(mixer(h)).to(x.dtype)
 
 
 class DefocusMamba(TokenTower):
