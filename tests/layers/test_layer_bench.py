@@ -34,3 +34,14 @@ def test_layer_cli_prints_the_table(capsys):
     assert towers.main(["--layer", "--batch-size", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("one layer: batch 1") and "mamba" in out
+
+
+def test_speed_ratio_is_paired_per_repeat():
+    """Load swings between repeats cancel: the ratio is the median of per-repeat ratios, not a ratio of medians."""
+    from defocus_clip.bench.measure import add_ratios
+
+    base = {"img_s": 3.0, "img_s_runs": [4.0, 2.0, 3.0], "peak_step_mb": 100.0}
+    model = {"img_s": 1.8, "img_s_runs": [3.6, 1.8, 1.5], "peak_step_mb": 150.0}
+    add_ratios([model, base], base)
+    assert model["speed_ratio"] == 0.9 and model["speed_ratio_runs"] == [0.9, 0.9, 0.5]
+    assert model["memory_ratio"] == 1.5 and base["speed_ratio"] == 1.0

@@ -99,9 +99,17 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def add_ratios(rows: list[dict], base: dict | None) -> None:
-    """Speed and memory of every row relative to the baseline row, in place."""
+    """Speed and memory of every row relative to the baseline row, in place.
+
+    The speed ratio is paired: the median over repeats of (this model's images/s / the baseline's in the same
+    repeat), so that load changing between repeats (these machines swing by +-20% within minutes) cancels; the
+    per-repeat ratios are kept in `speed_ratio_runs`. The memory ratio compares the medians."""
     for r in rows:
-        r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3) if base else None
+        r["speed_ratio"] = r["speed_ratio_runs"] = None
+        if base:
+            pairs = [a / b for a, b in zip(r.get("img_s_runs", []), base.get("img_s_runs", [])) if a and b]
+            r["speed_ratio_runs"] = [round(x, 3) for x in pairs] or None
+            r["speed_ratio"] = round(statistics.median(pairs) if pairs else r["img_s"] / base["img_s"], 3)
         r["memory_ratio"] = (round(r["peak_step_mb"] / base["peak_step_mb"], 3)
                              if base and r["peak_step_mb"] and base["peak_step_mb"] else None)
 

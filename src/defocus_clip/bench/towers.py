@@ -139,14 +139,17 @@ def format_towers(result: dict) -> str:
     m = result["machine"]
     lines = [f"towers: batch {result['batch_size']}, {result['image_size']} px, fp32 forward+backward, "
              f"{result['threads']} threads, scan={result['scan_impl']}, {result['repeats']} interleaved repeats x "
-             f"{result['steps']} steps (medians)",
+             f"{result['steps']} steps (medians; speed vs ViT: median of the per-repeat ratios, range in brackets)",
              f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
              f"load average {m['loadavg']} -> {m['loadavg_end']}",
-             f"  {'model':<40} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'step MB':>8} {'vs ViT':>7}"]
+             f"  {'model':<40} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'(range)':>13} {'step MB':>8} {'vs ViT':>7}"]
     for spec, r in result["models"].items():
         mem = f"{r['peak_step_mb']:8.0f}" if r["peak_step_mb"] is not None else f"{'-':>8}"
         mratio = f"{r['memory_ratio']:7.2f}" if r["memory_ratio"] is not None else f"{'-':>7}"
-        lines.append(f"  {spec:<40} {r['params_m']:8.1f} {r['img_s']:8.2f} {r['speed_ratio']:7.2f} {mem} {mratio}")
+        runs = r.get("speed_ratio_runs") or [r["speed_ratio"]]
+        spread = f"({min(runs):.2f}-{max(runs):.2f})"
+        lines.append(f"  {spec:<40} {r['params_m']:8.1f} {r['img_s']:8.2f} {r['speed_ratio']:7.2f} {spread:>13} {mem} "
+                     f"{mratio}")
     goal = result["goal"]
     if goal["model"] in result["models"]:
         ratio = result["models"][goal["model"]]["speed_ratio"]

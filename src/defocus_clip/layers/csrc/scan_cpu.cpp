@@ -53,22 +53,27 @@ inline v8f vload(const float* p) { v8f v; std::memcpy(&v, p, sizeof(v)); return 
 inline void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-// exp in plain arithmetic, 8 lanes (libm's expf per state would dominate the kernel): 2^k * p(r),
-// r = x - k ln2 in [-ln2/2, ln2/2], degree-7 Taylor polynomial (relative error ~1e-7, float32 rounding level).
-// Arguments clamped to [-87, 88]; NaN stays NaN. Needs IEEE arithmetic: no -ffast-math (the rounding trick).
+// exp in plain arithmetic, 8 lanes (libm's expf per element would dominate the element-wise passes): 2^k * p(r),
+// k = round(x log2 e) (read from the mantissa of x log2 e + 1.5 2^23), r = x - k ln2 in [-ln2/2, ln2/2] with ln2 in
+// two parts, p a degree-6 minimax polynomial (relative error 1e-7, float32 rounding level). Arguments clamped to
+// [-87, 88]; NaN stays NaN. Needs IEEE arithmetic: no -ffast-math (the rounding trick).
 inline v8f vexp(v8f x) {
+#ifdef __AVX__  // min(hi, max(lo, x)): each returns its second operand for a NaN, i.e. x
+  x = (v8f)_mm256_min_ps((__m256)(v8f{} + 88.f), _mm256_max_ps((__m256)(v8f{} - 87.f), (__m256)x));
+#else
   x = x < -87.f ? v8f{} - 87.f : x;
   x = x > 88.f ? v8f{} + 88.f : x;
-  const v8f k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest integer
-  const v8f r = x - k * 0.693145751953125f - k * 1.428606820309417e-06f;  // ln2 in two parts
-  v8f p = r * (1.f / 5040.f) + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
+#endif
+  const v8f t = x * 1.44269504088896341f + 12582912.f;
+  const v8f k = t - 12582912.f;
+  const v8f r = x - k * 0.693145751953125f - k * 1.428606820309417e-06f;
+  v8f p = r * 1.3836835e-3f + 8.3748158e-3f;
+  p = p * r + 4.1668225e-2f;
+  p = p * r + 1.6666420e-1f;
+  p = p * r + 4.9999991e-1f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const v8i bits = (__builtin_convertvector(k, v8i) + 127) << 23;
+  const v8i bits = ((v8i)t - (0x4B400000 - 127)) << 23;  // 2^k: (k + 127) in the exponent field
   return p * (v8f)bits;
 }
 
