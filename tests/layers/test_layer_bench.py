@@ -45,3 +45,20 @@ def test_speed_ratio_is_paired_per_repeat():
     add_ratios([model, base], base)
     assert model["speed_ratio"] == 0.9 and model["speed_ratio_runs"] == [0.9, 0.9, 0.5]
     assert model["memory_ratio"] == 1.5 and base["speed_ratio"] == 1.0
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_interleaved_tower_bench_pairs_steps_and_compares_a_kernel(capsys):
+    """All towers in one process: every model gets its steps and paired ratios; the other kernel's run restores the
+    shipped kernel and the fused RMSNorm afterwards."""
+    from defocus_clip.towers.mamba import RMSNormFp32
+
+    shipped, norm = scan_cpu._module(), RMSNormFp32.forward
+    result = towers.bench_interleaved(["DeFocus-Mamba-Tiny-8"], batch_size=1, image_size=64, steps=2, warmup=0,
+                                      threads=1, compare_source=str(scan_cpu._SOURCE))
+    rows = result["models"]
+    assert set(rows) == {"clip:ViT-B-32", "clip:DeFocus-Mamba-Tiny-8", f"{towers.GOAL_MODEL} (scan_cpu.cpp)"}
+    assert rows["clip:ViT-B-32"]["speed_ratio"] == 1.0
+    assert all(len(r["step_times_s"]) == 2 and r["img_s"] > 0 for r in rows.values())
+    assert scan_cpu._module() is shipped and RMSNormFp32.forward is norm
+    assert "vs ViT (paired)" in towers.format_interleaved(result)

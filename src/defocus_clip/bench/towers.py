@@ -12,6 +12,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers [--models ViT-B-32 DeFocus-Mamba-B-32] [--batch-size 8]
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
+    python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
 """
 
 from __future__ import annotations
@@ -159,6 +160,87 @@ def format_towers(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, image_size: int = 224, steps: int = 8,
+                      warmup: int = 1, threads: int | None = None, compare_source: str | None = None) -> dict:
+    """Speed only, all towers in this process, one step of each in turn (rotating order), so that every ratio pairs
+    steps taken within seconds of each other: on a shared machine whose speed swings by +-20% within minutes, the
+    per-process method pairs runs minutes apart. `compare_source`: also time the De-focus Mamba tower with the fused
+    kernel built from another C++ source (e.g. the previous version; with the eager RMSNorm if it has none)."""
+    import torch
+
+    from ..layers import scan_cpu
+    from ..layers.scan import resolve_scan_impl
+    from ..towers.mamba import RMSNormFp32
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
+    if BASELINE not in specs:
+        specs.insert(0, BASELINE)
+    towers = {spec: build_tower(spec, image_size) for spec in specs}
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    shipped = scan_cpu._module()
+    compare = scan_cpu._build(Path(compare_source)) if compare_source else None
+    names = list(specs) + ([f"{GOAL_MODEL} ({Path(compare_source).name})"] if compare else [])
+    original_norm = RMSNormFp32.forward
+
+    def step(name: str) -> None:
+        tower = towers.get(name)
+        if tower is None:  # the goal model with the other kernel
+            tower = towers.get(GOAL_MODEL) or towers.setdefault(GOAL_MODEL, build_tower(GOAL_MODEL, image_size))
+            scan_cpu._state["mod"] = compare
+            if not hasattr(compare, "rms_fwd"):  # an older kernel without the fused RMSNorm: the eager norm
+                RMSNormFp32.forward = lambda self, h, fused=False: original_norm(self, h, fused=False)
+        try:
+            tower(images).float().square().mean().backward()
+        finally:
+            scan_cpu._state["mod"] = shipped
+            RMSNormFp32.forward = original_norm
+        tower.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        for n in names:
+            step(n)
+    gc.collect()
+    gc.freeze()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for i in range(steps):
+            for n in names[i % len(names):] + names[: i % len(names)]:
+                t0 = time.perf_counter()
+                step(n)
+                times[n].append(time.perf_counter() - t0)
+    finally:
+        gc.unfreeze()
+    base = times[BASELINE]
+    rows = {}
+    for n, ts in times.items():
+        pairs = [b / t for b, t in zip(base, ts)]
+        rows[n] = {"img_s": round(batch_size / statistics.median(ts), 2),
+                   "speed_ratio": round(statistics.median(pairs), 3),
+                   "speed_ratio_range": [round(min(pairs), 3), round(max(pairs), 3)],
+                   "ratio_of_medians": round(statistics.median(base) / statistics.median(ts), 3),
+                   "step_times_s": [round(t, 3) for t in ts]}
+    return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "threads": torch.get_num_threads(),
+            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "machine": machine_info(),
+            "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO}, "models": rows}
+
+
+def format_interleaved(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"towers in one process, steps interleaved: batch {result['batch_size']}, {result['image_size']} px, fp32 "
+             f"forward+backward, {result['threads']} threads, scan={result['scan_impl']}, {result['steps']} steps each",
+             f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
+             f"load average {m['loadavg']}",
+             f"  {'model':<48} {'img/s':>7} {'vs ViT (paired)':>16} {'(range)':>13} {'ratio of medians':>17}"]
+    for name, r in result["models"].items():
+        lo, hi = r["speed_ratio_range"]
+        lines.append(f"  {name:<48} {r['img_s']:7.2f} {r['speed_ratio']:16.3f} {f'({lo:.2f}-{hi:.2f})':>13} "
+                     f"{r['ratio_of_medians']:17.3f}")
+    return "\n".join(lines)
+
+
 def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, row_limit: int = 25,
                   threads: int | None = None) -> str:
     """torch.profiler table (self CPU time per op) of `steps` forward+backward steps after one warm-up step."""
@@ -271,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     p.add_argument("--profile", default=None, metavar="MODEL", help="print a per-op torch.profiler table")
     p.add_argument("--layer", action="store_true", help="one Mamba layer vs one ViT block, same process")
+    p.add_argument("--interleaved", action="store_true",
+                   help="speed only: all --models in one process, steps interleaved (paired ratios)")
     p.add_argument("--compare-source", default=None, metavar="CPP",
-                   help="--layer: also time the Mamba layer with the kernel built from this C++ source")
+                   help="--layer / --interleaved: also time De-focus Mamba with the kernel built from this C++ source")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
@@ -283,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
+    elif a.interleaved:
+        print(format_interleaved(bench_interleaved(a.models, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
+                                                   a.compare_source)))
     elif a.layer:
         print(format_layer(bench_layer(a.batch_size, steps=max(a.steps, 1), warmup=a.warmup, threads=a.threads,
                                        compare_source=a.compare_source)))
