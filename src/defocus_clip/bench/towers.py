@@ -136,6 +136,11 @@ def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, wa
             "models": rows}
 
 
+def _machine_line(m: dict) -> str:
+    return (f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
+            f"load average {m['loadavg']}")
+
+
 def format_towers(result: dict) -> str:
     m = result["machine"]
     lines = [f"towers: batch {result['batch_size']}, {result['image_size']} px, fp32 forward+backward, "
@@ -231,8 +236,7 @@ def format_interleaved(result: dict) -> str:
     m = result["machine"]
     lines = [f"towers in one process, steps interleaved: batch {result['batch_size']}, {result['image_size']} px, fp32 "
              f"forward+backward, {result['threads']} threads, scan={result['scan_impl']}, {result['steps']} steps each",
-             f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
-             f"load average {m['loadavg']}",
+             _machine_line(m),
              f"  {'model':<48} {'img/s':>7} {'vs ViT (paired)':>16} {'(range)':>13} {'ratio of medians':>17}"]
     for name, r in result["models"].items():
         lo, hi = r["speed_ratio_range"]
@@ -339,8 +343,7 @@ def format_layer(result: dict) -> str:
     m = result["machine"]
     lines = [f"one layer: batch {result['batch_size']}, {result['tokens']} tokens, fp32 forward+backward, "
              f"{result['threads']} threads, scan={result['scan_impl']}, {result['steps']} interleaved steps",
-             f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
-             f"load average {m['loadavg']}",
+             _machine_line(m),
              f"  {'module':<16} {'best ms':>8} {'median ms':>10} {'ViT/(2 x layer) best / median':>30}"]
     for name, r in result["rows"].items():
         ratio = f"{r['ratio_best']:.2f} / {r['ratio_median']:.2f}" if "ratio_best" in r else ""

@@ -114,11 +114,10 @@ inline float total(v8f v) { return hsum(v); }
 
 template <class T> inline T sigmoid_t(T x) { return (T{} + 1.f) / (ex(-x) + 1.f); }
 
-// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, by its
-// odd series up to s^15 (truncation < 2e-9 relative): full relative precision also for small e, unlike log(1 + e).
-template <class T> inline T softplus_t(T x) {
-  const T e = ex(x < 0.f ? x : -x);
-  const T s = e / (e + 2.f), s2 = s * s;
+// log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3 for e in (0, 1], by its odd series up to s^15 (truncation < 2e-9
+// relative): full relative precision also for small e, unlike log(1 + e).
+template <class T> inline T log1p_from_s(T s) {
+  const T s2 = s * s;
   T p = s2 * (1.f / 15) + 1.f / 13;
   p = p * s2 + 1.f / 11;
   p = p * s2 + 1.f / 9;
@@ -126,23 +125,21 @@ template <class T> inline T softplus_t(T x) {
   p = p * s2 + 1.f / 5;
   p = p * s2 + 1.f / 3;
   p = p * s2 + 1.f;
-  return (x > 0.f ? x : T{}) + 2.f * s * p;
+  return 2.f * s * p;
+}
+
+// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1].
+template <class T> inline T softplus_t(T x) {
+  const T e = ex(x < 0.f ? x : -x);
+  return (x > 0.f ? x : T{}) + log1p_from_s(e / (e + 2.f));
 }
 
 // softplus_t(x) and its derivative sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e) from one exp and one division.
 template <class T> inline T softplus_sigmoid_t(T x, T& sig) {
   const T e = ex(x < 0.f ? x : -x), e1 = e + 1.f, e2 = e + 2.f;
-  const T q = (T{} + 1.f) / (e1 * e2);
-  const T s = e * e1 * q, s2 = s * s;
+  const T q = (T{} + 1.f) / (e1 * e2);  // s = e / e2 = e e1 q, sigmoid = (1 or e) / e1 = (1 or e) e2 q
   sig = (x < 0.f ? e : T{} + 1.f) * e2 * q;
-  T p = s2 * (1.f / 15) + 1.f / 13;
-  p = p * s2 + 1.f / 11;
-  p = p * s2 + 1.f / 9;
-  p = p * s2 + 1.f / 7;
-  p = p * s2 + 1.f / 5;
-  p = p * s2 + 1.f / 3;
-  p = p * s2 + 1.f;
-  return (x > 0.f ? x : T{}) + 2.f * s * p;
+  return (x > 0.f ? x : T{}) + log1p_from_s(e * e1 * q);
 }
 
 // f(c, T{}) for c in [c0, c1): 8 channels at a time (T = v8f), then one at a time (T = float).
