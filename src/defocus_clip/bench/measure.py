@@ -1,4 +1,5 @@
-"""How every benchmark measures: median step time, images/s and peak step memory, one model per fresh process.
+"""How every benchmark measures: median step time, images/s and peak step memory of one model per fresh process
+(`time_steps`), or interleaved steps of several in one process (`time_interleaved`, speed only).
 
 Peak memory is the peak resident set during the timed steps (Linux `VmHWM`, reset through `/proc/self/clear_refs`
 once the model and batch are in memory) minus the resident set at that point: `tracemalloc` does not see torch's
@@ -8,7 +9,6 @@ comparable between models measured the same way.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
@@ -53,14 +53,14 @@ def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: in
     """Run `warmup` untimed and `steps` timed calls of `step`; median time, images/s and peak step memory.
 
     The objects alive before the steps (imports, model) are frozen out of the cyclic garbage collector during the
-    steps, as the trainer does (`train.loop`): its full passes are noise of the process, not of the model."""
+    steps, as the trainer does (`train.loop.gc_frozen`): its full passes are noise of the process, not of the model."""
     import torch
+
+    from ..train.loop import gc_frozen
 
     base = rss_mb()
     exact = reset_peak() and base is not None
-    gc.collect()
-    gc.freeze()
-    try:
+    with gc_frozen():
         for _ in range(warmup):
             step()
         times = []
@@ -68,8 +68,6 @@ def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: in
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    finally:
-        gc.unfreeze()
     peak = peak_mb()
     step_s = statistics.median(times)
     return {
@@ -77,6 +75,25 @@ def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: in
         "img_s": round(batch_size / step_s, 2), "peak_step_mb": round(peak - base, 1) if exact else None,
         "peak_rss_mb": round(peak, 1), "threads": torch.get_num_threads(),
     }
+
+
+def time_interleaved(step: Callable[[str], None], names: list[str], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of `step(name)` for every name, in this process, one call of each in turn with a rotating
+    order (A B C, B C A, ...), so that load changes hit all alike; `warmup` untimed rounds first; the cyclic garbage
+    collector frozen as in `time_steps`."""
+    from ..train.loop import gc_frozen
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with gc_frozen():
+        for _ in range(warmup):
+            for n in names:
+                step(n)
+        for i in range(steps):
+            for n in names[i % len(names):] + names[: i % len(names)]:
+                t0 = time.perf_counter()
+                step(n)
+                times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def run_worker(module: str, args: list[str], what: str) -> dict:

@@ -18,14 +18,13 @@ set with the model and the batch in memory, i.e. activations + gradients + works
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
-from .measure import add_ratios, machine_info, run_worker, summarise, time_steps
+from .measure import add_ratios, machine_info, run_worker, summarise, time_interleaved, time_steps
 
 BASELINE = "clip:ViT-B-32"
 GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
@@ -146,8 +145,7 @@ def format_towers(result: dict) -> str:
     lines = [f"towers: batch {result['batch_size']}, {result['image_size']} px, fp32 forward+backward, "
              f"{result['threads']} threads, scan={result['scan_impl']}, {result['repeats']} interleaved repeats x "
              f"{result['steps']} steps (medians; speed vs ViT: median of the per-repeat ratios, range in brackets)",
-             f"  {m['cpu']} ({m['cpu_count']} CPUs, {m['cpu_capability']}), torch {m['torch']}, "
-             f"load average {m['loadavg']} -> {m['loadavg_end']}",
+             f"{_machine_line(m)} -> {m['loadavg_end']}",
              f"  {'model':<40} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'(range)':>13} {'step MB':>8} {'vs ViT':>7}"]
     for spec, r in result["models"].items():
         mem = f"{r['peak_step_mb']:8.0f}" if r["peak_step_mb"] is not None else f"{'-':>8}"
@@ -175,7 +173,6 @@ def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, ima
 
     from ..layers import scan_cpu
     from ..layers.scan import resolve_scan_impl
-    from ..towers.mamba import RMSNormFp32
 
     if threads:
         torch.set_num_threads(threads)
@@ -185,39 +182,20 @@ def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, ima
         specs.insert(0, BASELINE)
     towers = {spec: build_tower(spec, image_size) for spec in specs}
     images = torch.randn(batch_size, 3, image_size, image_size)
-    shipped = scan_cpu._module()
-    compare = scan_cpu._build(Path(compare_source)) if compare_source else None
-    names = list(specs) + ([f"{GOAL_MODEL} ({Path(compare_source).name})"] if compare else [])
-    original_norm = RMSNormFp32.forward
+    names = list(specs)
+    if compare_source:  # the goal model once more, with the other kernel
+        compare = scan_cpu._build(Path(compare_source))
+        names.append(f"{GOAL_MODEL} ({Path(compare_source).name})")
+        if GOAL_MODEL not in towers:
+            towers[GOAL_MODEL] = build_tower(GOAL_MODEL, image_size)
 
     def step(name: str) -> None:
-        tower = towers.get(name)
-        if tower is None:  # the goal model with the other kernel
-            tower = towers.get(GOAL_MODEL) or towers.setdefault(GOAL_MODEL, build_tower(GOAL_MODEL, image_size))
-            scan_cpu._state["mod"] = compare
-            if not hasattr(compare, "rms_fwd"):  # an older kernel without the fused RMSNorm: the eager norm
-                RMSNormFp32.forward = lambda self, h, fused=False: original_norm(self, h, fused=False)
-        try:
+        tower = towers.get(name, towers.get(GOAL_MODEL))
+        with contextlib.nullcontext() if name in towers else _kernel(compare):
             tower(images).float().square().mean().backward()
-        finally:
-            scan_cpu._state["mod"] = shipped
-            RMSNormFp32.forward = original_norm
         tower.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        for n in names:
-            step(n)
-    gc.collect()
-    gc.freeze()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    try:
-        for i in range(steps):
-            for n in names[i % len(names):] + names[: i % len(names)]:
-                t0 = time.perf_counter()
-                step(n)
-                times[n].append(time.perf_counter() - t0)
-    finally:
-        gc.unfreeze()
+    times = time_interleaved(step, names, steps, warmup)
     base = times[BASELINE]
     rows = {}
     for n, ts in times.items():
@@ -267,6 +245,24 @@ def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, r
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
+@contextlib.contextmanager
+def _kernel(module):
+    """Run the fused ops of `module` (a build of another kernel source) instead of the shipped build; a build without
+    the fused RMSNorm (older sources) runs the blocks' norm eagerly. Restores both afterwards."""
+    from ..layers import scan_cpu
+    from ..towers.mamba import RMSNormFp32
+
+    shipped, norm = scan_cpu._module(), RMSNormFp32.forward
+    scan_cpu._state["mod"] = module
+    if not hasattr(module, "rms_fwd"):
+        RMSNormFp32.forward = lambda self, h, fused=False: norm(self, h, fused=False)
+    try:
+        yield
+    finally:
+        scan_cpu._state["mod"] = shipped
+        RMSNormFp32.forward = norm
+
+
 def _layer_modules(tokens: int, dim: int = 768):
     """One B/32 De-focus Mamba layer (RMSNorm + mixer, inner 2 dim, N 16, initialised as in the tower) and one timm
     ViT-B block (dim 768, 12 heads, MLP 4x, qkv bias), both in train mode."""
@@ -306,29 +302,11 @@ def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: 
             vit(x).square().mean().backward()
             vit.zero_grad(set_to_none=True)
             return
-        scan_cpu._state["mod"] = kernels[name]
-        if not hasattr(kernels[name], "rms_fwd"):  # an older kernel without the fused RMSNorm: the eager norm
-            mamba.norm.forward = lambda h, fused=False: type(mamba.norm).forward(mamba.norm, h, fused=False)
-        try:
+        with _kernel(kernels[name]):
             mamba(x).square().mean().backward()
-        finally:
-            scan_cpu._state["mod"] = kernels["mamba"]
-            mamba.norm.__dict__.pop("forward", None)
         mamba.zero_grad(set_to_none=True)
 
-    names = ["vit", *kernels]
-    gc.collect()
-    gc.freeze()  # as in measure.time_steps: no full collector passes over the imports inside the timed steps
-    for _ in range(warmup):
-        for n in names:
-            step(n)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(steps):
-        for n in names[i % len(names):] + names[: i % len(names)]:
-            t0 = time.perf_counter()
-            step(n)
-            times[n].append(time.perf_counter() - t0)
-    gc.unfreeze()
+    times = time_interleaved(step, ["vit", *kernels], steps, warmup)
     rows = {n: {"best_ms": round(min(ts) * 1e3, 1), "median_ms": round(statistics.median(ts) * 1e3, 1)}
             for n, ts in times.items()}
     for n in kernels:

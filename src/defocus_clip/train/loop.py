@@ -154,79 +154,77 @@ def train_loop(*, engine, cfg, data, dist_info: DistInfo, run_dir: Path, state: 
 
         bar = tqdm(total=end_step, initial=state.step, unit="step", dynamic_ncols=True, desc="train")
     engine.train()
-    with _gc_frozen():
-        t_log, step_log = time.time(), state.step
-        while state.step < end_step:
-            epoch = state.step // steps_per_epoch
-            batches = data.batches(epoch, skip=state.micro_in_epoch)
-            while state.step < end_step and state.step // steps_per_epoch == epoch:
-                lr = cosine_lr(state.step, total_steps, cfg.schedule.warmup_steps, cfg.optim.lr, cfg.schedule.min_lr)
-                set_lr(engine, lr)
-                if schedule_dp:
-                    dp = drop_path_rate(cfg.drop_path.schedule, cfg.drop_path.min, cfg.drop_path.max, state.step,
-                                        total_steps)
-                    trunk.set_drop_path_rate(dp)
-                sums: dict[str, float] = {}
-                done = 0
-                while done < accum:
-                    images, texts = next(batches)
-                    torch.manual_seed(_micro_seed(cfg.seed, dist_info.rank, epoch, state.micro_in_epoch))
-                    state.micro_in_epoch += 1
-                    losses = engine(images.to(device, dtype=dtype, non_blocking=True), texts.to(device))
-                    total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-                    # one all-reduce per micro-batch: the mean loss terms and "did any rank see NaN/Inf"
-                    terms = [k for k in losses if k.endswith("_loss")]
-                    vals = torch.stack([losses[k].detach().float() for k in terms + ["logit_scale"]])
-                    bad = (~torch.isfinite(vals)).any().float()
-                    vec = torch.cat([torch.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0), bad[None]])
-                    dist.all_reduce(vec)
-                    if vec[-1].item() > 0:
-                        state.nonfinite_total += 1
-                        state.nonfinite_in_a_row += 1
-                        log.warning("non-finite loss at step %d (micro-batch %d of epoch %d): skipped (%d in a row)",
-                                    state.step, state.micro_in_epoch - 1, epoch, state.nonfinite_in_a_row)
-                        if state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-                            raise TrainingDiverged(
-                                f"the loss was NaN/Inf for {state.nonfinite_in_a_row} micro-batches in a row at step "
-                                f"{state.step} (lr {lr:.3g}); lower optim.lr or raise schedule.warmup_steps, check the "
-                                f"data, or resume from the last checkpoint in {run_dir / 'checkpoints'}")
-                        continue
-                    state.nonfinite_in_a_row = 0
-                    engine.backward(total)
-                    clip_gradients(engine, cfg)
-                    engine.step()
-                    done += 1
-                    world = dist_info.world_size
-                    for i, k in enumerate(terms + ["logit_scale"]):
-                        sums[k] = sums.get(k, 0.0) + vec[i].item() / world
-                state.step += 1
-                if state.step % steps_per_epoch == 0:
-                    state.micro_in_epoch = 0
-                record = {k: v / accum for k, v in sums.items()}
-                record["loss"] = sum(v for k, v in record.items() if k.endswith("_loss"))
-                state.history.append(record["loss"])
+    t_log, step_log = time.time(), state.step
+    while state.step < end_step:
+        epoch = state.step // steps_per_epoch
+        batches = data.batches(epoch, skip=state.micro_in_epoch)
+        while state.step < end_step and state.step // steps_per_epoch == epoch:
+            lr = cosine_lr(state.step, total_steps, cfg.schedule.warmup_steps, cfg.optim.lr, cfg.schedule.min_lr)
+            set_lr(engine, lr)
+            if schedule_dp:
+                dp = drop_path_rate(cfg.drop_path.schedule, cfg.drop_path.min, cfg.drop_path.max, state.step,
+                                    total_steps)
+                trunk.set_drop_path_rate(dp)
+            sums: dict[str, float] = {}
+            done = 0
+            while done < accum:
+                images, texts = next(batches)
+                torch.manual_seed(_micro_seed(cfg.seed, dist_info.rank, epoch, state.micro_in_epoch))
+                state.micro_in_epoch += 1
+                losses = engine(images.to(device, dtype=dtype, non_blocking=True), texts.to(device))
+                total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+                # one all-reduce per micro-batch: the mean loss terms and "did any rank see NaN/Inf"
+                terms = [k for k in losses if k.endswith("_loss")]
+                vals = torch.stack([losses[k].detach().float() for k in terms + ["logit_scale"]])
+                bad = (~torch.isfinite(vals)).any().float()
+                vec = torch.cat([torch.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0), bad[None]])
+                dist.all_reduce(vec)
+                if vec[-1].item() > 0:
+                    state.nonfinite_total += 1
+                    state.nonfinite_in_a_row += 1
+                    log.warning("non-finite loss at step %d (micro-batch %d of epoch %d): skipped (%d in a row)",
+                                state.step, state.micro_in_epoch - 1, epoch, state.nonfinite_in_a_row)
+                    if state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                        raise TrainingDiverged(
+                            f"the loss was NaN/Inf for {state.nonfinite_in_a_row} micro-batches in a row at step "
+                            f"{state.step} (lr {lr:.3g}); lower optim.lr or raise schedule.warmup_steps, check the "
+                            f"data, or resume from the last checkpoint in {run_dir / 'checkpoints'}")
+                    continue
+                state.nonfinite_in_a_row = 0
+                engine.backward(total)
+                clip_gradients(engine, cfg)
+                engine.step()
+                done += 1
+                world = dist_info.world_size
+                for i, k in enumerate(terms + ["logit_scale"]):
+                    sums[k] = sums.get(k, 0.0) + vec[i].item() / world
+            state.step += 1
+            if state.step % steps_per_epoch == 0:
+                state.micro_in_epoch = 0
+            record = {k: v / accum for k, v in sums.items()}
+            record["loss"] = sum(v for k, v in record.items() if k.endswith("_loss"))
+            state.history.append(record["loss"])
+            if bar is not None:
+                bar.update(1)
+            if state.step % cfg.logging.every_steps == 0 or state.step == end_step:
+                corrupt = _all_sum(data.skipped_total, device) + state.corrupt_before
+                elapsed = max(1e-9, time.time() - t_log)
+                record.update(step=state.step, epoch=state.step / steps_per_epoch, samples=state.step * global_batch,
+                              lr=lr, drop_path=dp, samples_per_s=(state.step - step_log) * global_batch / elapsed,
+                              nonfinite_skipped=state.nonfinite_total, corrupt_samples=corrupt,
+                              time=time.time())
+                metrics.write(record)
                 if bar is not None:
-                    bar.update(1)
-                if state.step % cfg.logging.every_steps == 0 or state.step == end_step:
-                    corrupt = _all_sum(data.skipped_total, device) + state.corrupt_before
-                    elapsed = max(1e-9, time.time() - t_log)
-                    record.update(step=state.step, epoch=state.step / steps_per_epoch,
-                                  samples=state.step * global_batch, lr=lr, drop_path=dp,
-                                  samples_per_s=(state.step - step_log) * global_batch / elapsed,
-                                  nonfinite_skipped=state.nonfinite_total, corrupt_samples=corrupt,
-                                  time=time.time())
-                    metrics.write(record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                        sps=f"{record['samples_per_s']:.1f}")
-                    t_log, step_log = time.time(), state.step
-                if evaluate is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 \
-                        and state.step < end_step:
-                    evaluate(state.step)
-                    engine.train()
-                if state.step % cfg.checkpoint.every_steps == 0 and state.step < end_step:
-                    save()
-            batches.close()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                    sps=f"{record['samples_per_s']:.1f}")
+                t_log, step_log = time.time(), state.step
+            if evaluate is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 \
+                    and state.step < end_step:
+                evaluate(state.step)
+                engine.train()
+            if state.step % cfg.checkpoint.every_steps == 0 and state.step < end_step:
+                save()
+        batches.close()
     if bar is not None:
         bar.close()
     if last_saved != state.step:
@@ -235,10 +233,11 @@ def train_loop(*, engine, cfg, data, dist_info: DistInfo, run_dir: Path, state: 
 
 
 @contextlib.contextmanager
-def _gc_frozen():
+def gc_frozen():
     """Everything alive when training starts (imports, model, engine) lives for the whole run: keep it out of the
     cyclic garbage collector, whose full passes over ~10^6 such objects otherwise cost 1-2% of a CPU training step
-    (more with many small steps). Unfrozen afterwards, so that a later run in this process can free them."""
+    (more with many small steps). Unfrozen afterwards, so that a later run in this process can free them. The
+    benchmarks time their steps the same way."""
     gc.collect()
     gc.freeze()
     try:

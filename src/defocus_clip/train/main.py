@@ -104,7 +104,7 @@ def train(recipe: str | None, *, overrides: list[str] = (), output: str | None =
     """Run (or resume) training; returns a summary (first/last loss, steps, evaluation results)."""
     from .data import build_train_data, demo_root
     from .engine import build_engine, init_distributed, micro_batch_size
-    from .loop import LoopState, MetricsLog, train_loop
+    from .loop import LoopState, MetricsLog, gc_frozen, train_loop
     from .task import ClipTask, supports_drop_path_schedule
 
     cfg = resolve_config(recipe, list(overrides), output, resume)
@@ -169,10 +169,11 @@ def train(recipe: str | None, *, overrides: list[str] = (), output: str | None =
     evaluate = _make_evaluator(cfg, engine, preprocess_val, tokenizer, dist_info, metrics)
     t0 = time.time()
     try:
-        state = train_loop(engine=engine, cfg=cfg, data=data, dist_info=dist_info, run_dir=run_dir, state=state,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, end_step=end_step,
-                           accum=accum, model_name=cfg.model.name, preprocess_cfg=preprocess_cfg,
-                           evaluate=evaluate, metrics=metrics)
+        with gc_frozen():
+            state = train_loop(engine=engine, cfg=cfg, data=data, dist_info=dist_info, run_dir=run_dir, state=state,
+                               steps_per_epoch=steps_per_epoch, total_steps=total_steps, end_step=end_step,
+                               accum=accum, model_name=cfg.model.name, preprocess_cfg=preprocess_cfg,
+                               evaluate=evaluate, metrics=metrics)
         results = evaluate(state.step) if (evaluate is not None and cfg.eval.at_end) else None
     finally:
         metrics.close()
