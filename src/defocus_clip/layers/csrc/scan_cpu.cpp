@@ -332,13 +332,17 @@ inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias
   return acc;
 }
 
-std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+void check_conv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1,
               "x must be a float32 CPU (Bt, L, D) tensor with unit channel stride");
-  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
   check(w, "conv weight", 2);
   check(bias, "conv bias", 1);
-  TORCH_CHECK(w.size(0) == D && bias.size(0) == D, "conv weight must be (D, K) and bias (D,)");
+  TORCH_CHECK(w.size(0) == x.size(2) && bias.size(0) == x.size(2), "conv weight must be (D, K) and bias (D,)");
+}
+
+std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+  check_conv(x, w, bias);
+  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
   const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
   auto wt = w.t().contiguous();  // (K, D): 8 channels of one tap are contiguous
   auto out = torch::empty({Bt, L, D}, x.options());
@@ -358,14 +362,10 @@ std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Ten
 }
 
 std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1,
-              "x must be a float32 CPU (Bt, L, D) tensor with unit channel stride");
+  check_conv(x, w, bias);
   const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
-  check(w, "conv weight", 2);
-  check(bias, "conv bias", 1);
   check(dout, "dout", 3);
-  TORCH_CHECK(w.size(0) == D && bias.size(0) == D && dout.size(0) == Bt && dout.size(1) == L && dout.size(2) == D,
-              "conv shapes: x, dout (Bt, L, D), weight (D, K), bias (D,)");
+  TORCH_CHECK(dout.sizes() == x.sizes(), "conv dout must be (Bt, L, D) like x");
   const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
   auto wt = w.t().contiguous();
   auto dx = torch::empty({Bt, L, D}, x.options());
