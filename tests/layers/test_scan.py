@@ -113,16 +113,19 @@ def chain_reference(u, dt, A, B, C, D, z, group, scale, freq=None, rope_scale=1.
     "bt,d,length,n,group,rope",
     [(2, 8, 9, 16, 0, False), (2, 8, 9, 16, 4, True), (1, 24, 5, 16, 8, True), (2, 12, 3, 6, 0, True),
      (2, 12, 3, 5, 0, False), (1, 70, 4, 8, 0, True), (2, 8, 1, 16, 0, True), (2, 12, 7, 16, 6, True),
-     (1, 130, 3, 16, 0, True), (2, 64, 50, 16, 32, True)],
+     (1, 130, 3, 16, 0, True), (2, 64, 50, 16, 32, True), (8, 96, 5, 16, 12, True), (8, 320, 4, 16, 32, False),
+     (3, 1000, 2, 16, 0, True)],
     ids=lambda v: str(v),
 )
 def test_fused_defocus_chain_matches_float64_composition(bt, d, length, n, group, rope):
     """(RoPE of B, C) -> softplus -> scan -> group RMS norm -> + D u -> * SiLU(z): outputs and all gradients.
 
-    The kernel runs 8 channels per vector (pad lanes for a tile narrower than 8 or with a tail: groups of 4 and 6,
-    70 = 64 + 6 and 130 = 64 + 64 + 2 channels), N = 16 unrolled and other N at run time (5, 6, 8), L = 1 and L = 50
-    (224 px at patch 32); dt spans softplus's whole range (tiny to large delta); z, B and C are read as channel
-    slices of wider tensors (the in_proj / x_proj outputs).
+    The kernel runs 8 or 16 channels per vector (AVX2 / AVX-512) over blocks of whole groups: pad lanes for a block
+    narrower than a vector or with a tail (groups of 4 and 6; 70, 130 and 1000 channels without the norm, the last
+    split into blocks of 336, 336 and 328 at 2 threads), several groups per block, including groups that are not a
+    multiple of the vector width (8 groups of 12; 10 of 32), N = 16 unrolled and other N at run time (5, 6, 8), L = 1
+    and L = 50 (224 px at patch 32); dt spans softplus's whole range (tiny to large delta); z, B and C are read as
+    channel slices of wider tensors (the in_proj / x_proj outputs).
     """
     scale, rope_scale = 2.0, 1.5
     g = torch.Generator().manual_seed(5)

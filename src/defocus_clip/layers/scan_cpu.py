@@ -38,10 +38,15 @@ _state: dict[str, ModuleType | None] = {}
 
 def _cflags() -> list[str]:
     flags = ["-O3", "-fopenmp"]  # no -ffast-math: the kernel's exp relies on IEEE rounding
-    # 8-float vectors map to single AVX2 registers only when the ISA is enabled; only what this CPU supports, never
-    # -march=native (a shared cache directory may serve machines with different CPUs: flags are part of the name)
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    # Vectors map to single registers only when the ISA is enabled: 8 floats with AVX2, 16 with AVX-512 (the kernel
+    # then runs 16 channels per vector). Only what this CPU supports (torch's own dispatch level, which also honours
+    # ATEN_CPU_CAPABILITY), never -march=native: a shared cache directory may serve machines with different CPUs, and
+    # the flags are part of the build's name.
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw"]
     return flags
 
 

@@ -44,73 +44,102 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
-// The N states of a channel live in NV vectors of 8 floats (GCC/Clang vector extensions: AVX2 registers when the
-// build enables AVX2, pairs of SSE registers otherwise). NV = 0: a scalar loop for any N.
+// Vector types (GCC/Clang vector extensions). The plain scan keeps the N states of one channel in NV vectors of 8
+// floats (v8f). The fused chain and the conv put one channel per lane, kW channels per vector (vf): 16 with
+// AVX-512 (one zmm register; 32 of them hold the 16 states with room to spare), else 8 (one AVX2 register, or a
+// pair of SSE registers without AVX).
 typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+typedef float vf __attribute__((vector_size(kW * 4)));
+template <int Bytes> struct IntVec;
+template <> struct IntVec<32> { typedef int32_t type __attribute__((vector_size(32))); };
+template <> struct IntVec<64> { typedef int32_t type __attribute__((vector_size(64))); };
 
-inline v8f vload(const float* p) { v8f v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+template <class V> inline V vld(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+template <class V> inline void vst(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+inline v8f vload(const float* p) { return vld<v8f>(p); }
+inline void vstore(float* p, v8f v) { vst(p, v); }
+template <class V> inline float hsum(V v) {
+  if constexpr (sizeof(V) == 64) {  // fold the halves, then as 8 lanes
+    v8f lo, hi;
+    std::memcpy(&lo, &v, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+    return hsum(lo + hi);
+  } else {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  }
+}
 
-// exp in plain arithmetic, 8 lanes (libm's expf per element would dominate the element-wise passes): 2^k * p(r),
+// max(lo, x) and min(hi, x) that return x when x is NaN (the operand order of the x86 max/min instructions).
+template <class V> inline V vmax_keep_nan(V lo, V x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) return (V)_mm512_max_ps((__m512)lo, (__m512)x);
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_max_ps((__m256)lo, (__m256)x);
+#endif
+  return x < lo ? lo : x;
+}
+template <class V> inline V vmin_keep_nan(V hi, V x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) return (V)_mm512_min_ps((__m512)hi, (__m512)x);
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32) return (V)_mm256_min_ps((__m256)hi, (__m256)x);
+#endif
+  return x > hi ? hi : x;
+}
+
+// exp in plain arithmetic, all lanes (libm's expf per element would dominate the element-wise passes): 2^k * p(r),
 // k = round(x log2 e) (read from the mantissa of x log2 e + 1.5 2^23), r = x - k ln2 in [-ln2/2, ln2/2] with ln2 in
 // two parts, p a degree-6 minimax polynomial (relative error 1e-7, float32 rounding level). Arguments clamped to
 // [-87, 88]; NaN stays NaN. Needs IEEE arithmetic: no -ffast-math (the rounding trick).
-inline v8f vexp(v8f x) {
-#ifdef __AVX__  // min(hi, max(lo, x)): each returns its second operand for a NaN, i.e. x
-  x = (v8f)_mm256_min_ps((__m256)(v8f{} + 88.f), _mm256_max_ps((__m256)(v8f{} - 87.f), (__m256)x));
-#else
-  x = x < -87.f ? v8f{} - 87.f : x;
-  x = x > 88.f ? v8f{} + 88.f : x;
-#endif
-  const v8f t = x * 1.44269504088896341f + 12582912.f;
-  const v8f k = t - 12582912.f;
-  const v8f r = x - k * 0.693145751953125f - k * 1.428606820309417e-06f;
-  v8f p = r * 1.3836835e-3f + 8.3748158e-3f;
+template <class V> inline V vexp(V x) {
+  using I = typename IntVec<sizeof(V)>::type;
+  x = vmin_keep_nan(V{} + 88.f, vmax_keep_nan(V{} - 87.f, x));
+  const V t = x * 1.44269504088896341f + 12582912.f;
+  const V k = t - 12582912.f;
+  const V r = x - k * 0.693145751953125f - k * 1.428606820309417e-06f;
+  V p = r * 1.3836835e-3f + 8.3748158e-3f;
   p = p * r + 4.1668225e-2f;
   p = p * r + 1.6666420e-1f;
   p = p * r + 4.9999991e-1f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const v8i bits = ((v8i)t - (0x4B400000 - 127)) << 23;  // 2^k: (k + 127) in the exponent field
-  return p * (v8f)bits;
+  const I bits = ((I)t - (0x4B400000 - 127)) << 23;  // 2^k: (k + 127) in the exponent field
+  return p * (V)bits;
 }
 
 // 2^x for the decays of the chain, x = delta A log2(e) <= 0: cheaper than vexp (no ln2 range reduction, degree-5
 // minimax polynomial of 2^f on [-1/2, 1/2], relative error 2.4e-7 in float32). x below -126 gives 2^-126 (a decay
-// that is zero for every purpose); NaN stays NaN. A is scaled by log2(e) once per tile (gather_a).
-inline v8f vexp2(v8f x) {
-#ifdef __AVX__
-  x = (v8f)_mm256_max_ps((__m256)(v8f{} - 126.f), (__m256)x);  // max(lo, x): NaN in x is returned as is
-#else
-  x = x < -126.f ? v8f{} - 126.f : x;
-#endif
-  const v8f t = x + 12582912.f;            // 1.5 2^23: k = round(x) sits in the low mantissa bits of t
-  const v8f f = x - (t - 12582912.f);      // in [-1/2, 1/2]
-  v8f p = f * 1.3276444e-3f + 9.6755354e-3f;
+// that is zero for every purpose); NaN stays NaN. A is scaled by log2(e) once per channel group (gather_a).
+template <class V> inline V vexp2(V x) {
+  using I = typename IntVec<sizeof(V)>::type;
+  x = vmax_keep_nan(V{} - 126.f, x);
+  const V t = x + 12582912.f;            // 1.5 2^23: k = round(x) sits in the low mantissa bits of t
+  const V f = x - (t - 12582912.f);      // in [-1/2, 1/2]
+  V p = f * 1.3276444e-3f + 9.6755354e-3f;
   p = p * f + 5.5507135e-2f;
   p = p * f + 2.4022120e-1f;
   p = p * f + 6.9314694e-1f;
   p = p * f + 1.0000001f;
-  const v8i bits = ((v8i)t - (0x4B400000 - 127)) << 23;  // 2^k: (k + 127) in the exponent field
-  return p * (v8f)bits;
+  const I bits = ((I)t - (0x4B400000 - 127)) << 23;  // 2^k: (k + 127) in the exponent field
+  return p * (V)bits;
 }
 
-// Element-wise maths written once for a float or 8 floats (T = float or v8f): the channel loops of the chain and the
-// conv run 8 channels at a time with a scalar tail.
-template <class T> constexpr int kLanes = sizeof(T) / sizeof(float);
+// Element-wise maths written once for a float or a vector (T = float or vf): the channel loops of the chain, the conv
+// and the norm run kW channels at a time with a scalar tail.
 template <class T> inline T ld(const float* p);
 template <> inline float ld<float>(const float* p) { return *p; }
-template <> inline v8f ld<v8f>(const float* p) { return vload(p); }
+template <> inline vf ld<vf>(const float* p) { return vld<vf>(p); }
 inline void st(float* p, float v) { *p = v; }
-inline void st(float* p, v8f v) { vstore(p, v); }
-inline float lane(float v, int) { return v; }
-inline float lane(v8f v, int k) { return v[k]; }
+inline void st(float* p, vf v) { vst(p, v); }
 inline float ex(float x) { return std::exp(x); }
-inline v8f ex(v8f x) { return vexp(x); }
-inline float total(float v) { return v; }
-inline float total(v8f v) { return hsum(v); }
+inline vf ex(vf x) { return vexp(x); }
 
 template <class T> inline T sigmoid_t(T x) { return (T{} + 1.f) / (ex(-x) + 1.f); }
 
@@ -142,11 +171,47 @@ template <class T> inline T softplus_sigmoid_t(T x, T& sig) {
   return (x > 0.f ? x : T{}) + log1p_from_s(e * e1 * q);
 }
 
-// f(c, T{}) for c in [c0, c1): 8 channels at a time (T = v8f), then one at a time (T = float).
+// f(c, T{}) for c in [c0, c1): kW channels at a time (T = vf), then one at a time (T = float).
 template <class F> inline void for_lanes(int64_t c0, int64_t c1, F&& f) {
   int64_t c = c0;
-  for (; c + 8 <= c1; c += 8) f(c, v8f{});
+  for (; c + kW <= c1; c += kW) f(c, vf{});
   for (; c < c1; ++c) f(c, 0.f);
+}
+
+// Sum of squares of [c0, c1) of a row, vector part and scalar tail.
+inline float sum_squares(const float* x, int64_t c0, int64_t c1) {
+  vf sv{};
+  float ss = 0.f;
+  for_lanes(c0, c1, [&](int64_t c, auto tag) {
+    using T = decltype(tag);
+    const T v = ld<T>(x + c);
+    if constexpr (std::is_same_v<T, vf>) sv += v * v; else ss += v * v;
+  });
+  return hsum(sv) + ss;
+}
+
+// A store that bypasses the caches (whole aligned vectors only; else a plain store), for outputs written once and read
+// only much later (the saved scan output): no read-for-ownership of the line, no eviction of the working set.
+// The parallel region ends with stream_fence().
+inline void st_stream(float* p, float v) { *p = v; }
+inline void st_stream(float* p, vf v) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, (__m256)v);
+#endif
+  vst(p, v);
+}
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// Software prefetch of a row segment [p, p + n) (one instruction per 64-byte line): the element-wise passes walk
+// rows ~1 KB long at a stride of D floats, too short for the hardware prefetchers to ramp up on each.
+inline void prefetch(const float* p, int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) __builtin_prefetch(p + k);
 }
 
 // One channel, forward. a: A row (N). Bl, Cl: (L, N). Writes y (L, stride ys); if hs != nullptr also the states
@@ -319,7 +384,7 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
 
 // ---- causal depthwise conv + bias + SiLU, (Bt, L, D) ----
 //   pre_t = bias + sum_k w_k x_{t + k - (K - 1)} (x_j = 0 for j < 0),  out_t = silu(pre_t)
-// Parallel over blocks of 8 channels: every thread owns its channels, so dw and dbias need no reduction.
+// Parallel over blocks of kW channels: every thread owns its channels, so dw and dbias need no reduction.
 
 template <class T>
 inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias, int64_t D, int64_t K, int64_t t,
@@ -344,12 +409,12 @@ std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Ten
   check_conv(x, w, bias);
   const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
   const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
-  auto wt = w.t().contiguous();  // (K, D): 8 channels of one tap are contiguous
+  auto wt = w.t().contiguous();  // (K, D): the channels of one tap are contiguous
   auto out = torch::empty({Bt, L, D}, x.options());
   const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, (D + 7) / 8, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * 8, c1 = std::min(D, end * 8);
+  at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * kW, c1 = std::min(D, end * kW);
     for (int64_t b = 0; b < Bt; ++b)
       for (int64_t t = 0; t < L; ++t)
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
@@ -377,8 +442,8 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
   // Per image and block of up to kCB channels, token-major passes (rows are contiguous in the (Bt, L, D) layout):
   // g = d loss / d pre into a (L, kCB) buffer, then dw and dbias, then dx.
   constexpr int64_t kCB = 256;
-  at::parallel_for(0, (D + 7) / 8, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * 8, c1 = std::min(D, end * 8);
+  at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * kW, c1 = std::min(D, end * kW);
     std::vector<float> gbuf(L * kCB);
     for (int64_t b = 0; b < Bt; ++b)
       for (int64_t cb = c0; cb < c1; cb += kCB) {
@@ -479,82 +544,105 @@ void rope_backward(const torch::Tensor& x, torch::Tensor& dx, const std::vector<
     }
 }
 
-// Channel tiles: a group when the group norm is on (it couples the group's channels), else up to 64 channels.
-inline int64_t tile_width(int64_t D, int64_t G) { return G > 0 ? G : std::min<int64_t>(D, 64); }
+// Channel blocks of the chain. The element-wise passes read and write rows of the (Bt, L, D) tensors; a block is
+// as wide as the per-thread buffers allow (whole groups: the group norm couples a group's channels), so that each
+// row segment is ~1 KB of contiguous memory that the hardware prefetchers stream (64-channel tiles, 256 B at a
+// 6 KB stride, left them waiting on memory for half of the chain's time). Blocks are balanced, and narrower when
+// Bt alone gives the threads too little work.
+struct Blocks {
+  int64_t width, count, padded;  // channels per block (the last may be narrower), blocks per image, width rounded to kW
+};
+constexpr int64_t kBlockFloats = 12800;  // per (L, width) buffer: 50 KB, 256 channels at L = 50
 
-// The chain's scan runs 8 channels at a time, one channel per vector lane, over token-major (L, TWp) tile buffers
-// (TWp: the tile width rounded up to 8; pad lanes hold u = delta = dy = 0 and contribute exactly nothing). Every
-// per-channel quantity (y, du, ddelta, dA) is then lane-wise, with no horizontal sums in the token loop; the sums over
-// channels (dB, dC) are accumulated as vectors per (token, state) over the tile and reduced once per tile.
+inline Blocks chain_blocks(int64_t Bt, int64_t L, int64_t D, int64_t G) {
+  const int64_t unit = G > 0 ? G : kW, units = (D + unit - 1) / unit;
+  const int64_t fit = std::max<int64_t>(1, kBlockFloats / (std::max<int64_t>(L, 1) * unit));
+  int64_t count = (units + fit - 1) / fit;
+  const int64_t want = (4 * (int64_t)at::get_num_threads() + Bt - 1) / Bt;  // >= 4 items per thread if possible
+  count = std::min(units, std::max(count, want));
+  const int64_t width = std::min(D, (units + count - 1) / count * unit);
+  return {width, (D + width - 1) / width, (width + kW - 1) / kW * kW};
+}
+
+// The chain's scan runs kW channels at a time, one channel per vector lane, over token-major (L, padded) block
+// buffers (pad lanes hold u = delta = dy = 0 and contribute exactly nothing). Every per-channel quantity (y, du,
+// ddelta, dA) is then lane-wise, with no horizontal sums in the token loop; the sums over channels (dB, dC) are
+// accumulated as vectors per (token, state) and reduced once per image.
 // NC: N at compile time (16: the Mamba models, loops unrolled), 0: any N (runtime, <= 256).
-// av: A log2(e) of the 8 channels, (N, 8) (gather_a). Bl, Cl: (L, N) of the image. s: the row stride of u, dl, y, dy, du, ddl.
-// kStore: also write the states h_1..h_L into rows 1..L of hs ((L + 1, N, 8), row 0 zeros) and the decays into
-// as ((L, N, 8)) for the backward.
+// av: A log2(e) of the kW channels, (N, kW) (gather_a). Bl, Cl: (L, N) of the image. s: the row stride of u, dl, y,
+// dy, du, ddl. kStore: also write the states h_1..h_L into rows 1..L of hs ((L + 1, N, kW), row 0 zeros) and the
+// decays into as ((L, N, kW)) for the backward.
 template <int NC, bool kY, bool kStore>
 inline void grp_fwd(const float* u, const float* dl, int64_t s, const float* av, const float* Bl, const float* Cl,
                     int L, int Nrt, float* y, float* hs, float* as) {
   const int N = NC > 0 ? NC : Nrt;
-  v8f h[NC > 0 ? NC : 256];
-  for (int n = 0; n < N; ++n) h[n] = v8f{};
+  vf h[NC > 0 ? NC : 256];
+  for (int n = 0; n < N; ++n) h[n] = vf{};
   if constexpr (kStore)
-    for (int n = 0; n < N; ++n) vstore(hs + 8 * n, v8f{});
+    for (int n = 0; n < N; ++n) vst(hs + kW * n, vf{});
   for (int t = 0; t < L; ++t) {
-    const v8f d = vload(dl + t * s), du = d * vload(u + t * s);
+    const vf d = vld<vf>(dl + t * s), du = d * vld<vf>(u + t * s);
     const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
-    v8f acc[2] = {};  // two sums: half the dependency chain of the y reduction
+    vf acc[2] = {};  // two sums: half the dependency chain of the y reduction
 #pragma GCC unroll 16  // N = 16 fully unrolled: 25-30% faster than the loop (the compiler schedules across states)
     for (int n = 0; n < N; ++n) {
-      const v8f at = vexp2(vload(av + 8 * n) * d);
+      const vf at = vexp2(vld<vf>(av + kW * n) * d);
       h[n] = at * h[n] + du * Bt[n];
       if constexpr (kY) acc[n & 1] += h[n] * Ct[n];
       if constexpr (kStore) {
-        vstore(hs + ((long)(t + 1) * N + n) * 8, h[n]);
-        vstore(as + ((long)t * N + n) * 8, at);
+        vst(hs + ((long)(t + 1) * N + n) * kW, h[n]);
+        vst(as + ((long)t * N + n) * kW, at);
       }
     }
-    if constexpr (kY) vstore(y + t * s, acc[0] + acc[1]);
+    if constexpr (kY) vst(y + t * s, acc[0] + acc[1]);
   }
 }
 
 // Backward of grp_fwd given dy: recomputes the states, then the reverse pass
 //   g_t = C_t dy_t + a_{t+1} g_{t+1} (adjoint of h_t);  d loss / d(delta_t A) = g_t h_{t-1} a_t.
-// Writes du, ddl (rows of stride s); accumulates dA into dAv ((N, 8)) and dB, dC into dBv, dCv ((L, N, 8)).
+// Writes du, ddl (rows of stride s; they may be dy and dl themselves: row t is written after its last read);
+// accumulates dA into dAv ((N, kW)) and dB, dC into dBv, dCv ((L, N, kW)).
 template <int NC>
 inline void grp_bwd(const float* u, const float* dl, const float* dy, int64_t s, const float* av, const float* Bl,
                     const float* Cl, int L, int Nrt, float* hs, float* as, float* du, float* ddl, float* dAv,
                     float* dBv, float* dCv) {
   const int N = NC > 0 ? NC : Nrt;
   grp_fwd<NC, false, true>(u, dl, s, av, Bl, Cl, L, Nrt, nullptr, hs, as);
-  v8f g[NC > 0 ? NC : 256], an[NC > 0 ? NC : 256], dA[NC > 0 ? NC : 256];
-  for (int n = 0; n < N; ++n) g[n] = an[n] = dA[n] = v8f{};
+  vf g[NC > 0 ? NC : 256], an[NC > 0 ? NC : 256], dA[NC > 0 ? NC : 256];
+  for (int n = 0; n < N; ++n) g[n] = an[n] = dA[n] = vf{};
   for (int t = L - 1; t >= 0; --t) {
-    const v8f d = vload(dl + t * s), ut = vload(u + t * s), dyt = vload(dy + t * s), dut = d * ut;
+    const vf d = vld<vf>(dl + t * s), ut = vld<vf>(u + t * s), dyt = vld<vf>(dy + t * s), dut = d * ut;
     const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
-    v8f s_ad{}, s_gb{};
+    vf s_ad{}, s_gb{};
 #pragma GCC unroll 16
     for (int n = 0; n < N; ++n) {
-      const long o = ((long)t * N + n) * 8;
-      const v8f at = vload(as + o);
-      const v8f gn = g[n] * an[n] + dyt * Ct[n];
+      const long o = ((long)t * N + n) * kW;
+      const vf at = vld<vf>(as + o);
+      const vf gn = g[n] * an[n] + dyt * Ct[n];
       g[n] = gn;
       an[n] = at;
-      vstore(dCv + o, vload(dCv + o) + vload(hs + o + 8 * N) * dyt);  // h_t
-      const v8f dla = gn * vload(hs + o) * at;                       // h_{t-1}
+      vst(dCv + o, vld<vf>(dCv + o) + vld<vf>(hs + o + kW * N) * dyt);  // h_t
+      const vf dla = gn * vld<vf>(hs + o) * at;                         // h_{t-1}
       dA[n] += dla * d;
-      s_ad += dla * vload(av + 8 * n);
+      s_ad += dla * vld<vf>(av + kW * n);
       s_gb += gn * Bt[n];
-      vstore(dBv + o, vload(dBv + o) + gn * dut);
+      vst(dBv + o, vld<vf>(dBv + o) + gn * dut);
     }
-    vstore(ddl + t * s, s_ad * kLn2 + s_gb * ut);  // av holds A log2(e)
-    vstore(du + t * s, s_gb * d);
+    vst(ddl + t * s, s_ad * kLn2 + s_gb * ut);  // av holds A log2(e)
+    vst(du + t * s, s_gb * d);
   }
-  for (int n = 0; n < N; ++n) vstore(dAv + 8 * n, vload(dAv + 8 * n) + dA[n]);
+  for (int n = 0; n < N; ++n) vst(dAv + kW * n, vld<vf>(dAv + kW * n) + dA[n]);
 }
 
-// A log2(e) of channels [c, c + 8) (those below c1; 0 beyond) as (N, 8) lanes: the argument of vexp2.
+// A log2(e) of channels [c, c + kW) (those below c1; 0 beyond) as (N, kW) lanes: the argument of vexp2.
 inline void gather_a(const float* pA, int64_t c, int64_t c1, int64_t N, float* av) {
   for (int64_t n = 0; n < N; ++n)
-    for (int k = 0; k < 8; ++k) av[n * 8 + k] = c + k < c1 ? pA[(c + k) * N + n] * kLog2e : 0.f;
+    for (int k = 0; k < kW; ++k) av[n * kW + k] = c + k < c1 ? pA[(c + k) * N + n] * kLog2e : 0.f;
+}
+
+// Zero the pad lanes [c1, c0 + round_up(c1 - c0, kW)) of a block row: the last vector of the scan reads them.
+inline void zero_pad(float* row, int64_t c0, int64_t c1) {
+  for (int64_t c = c1; c < c0 + (c1 - c0 + kW - 1) / kW * kW; ++c) row[c] = 0.f;
 }
 
 template <int NC>
@@ -562,7 +650,8 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, int64_t G,
                                             double delta_scale) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
-  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW, TWp = (TW + 7) / 8 * 8;
+  const Blocks blk = chain_blocks(Bt, L, D, G);
+  const int64_t W = blk.padded;
   auto out = torch::empty({Bt, L, D}, u.options());
   auto yraw = torch::empty({Bt, L, D}, u.options());  // the scan output: saved for the backward
   const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
@@ -571,45 +660,51 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
   const int64_t zsb = z.stride(0), zs = z.stride(1);  // z may be a view of the in_proj output (rows of stride 2D)
   float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
-  at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ub(L * TWp, 0.f), dlb(L * TWp, 0.f), yb(L * TWp), av(N * 8);  // (L, TWp) tiles
+  at::parallel_for(0, Bt * blk.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ub(L * W), dlb(L * W), yb(L * W), av(N * kW);  // (L, W) block buffers
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / ntiles, c0 = (i % ntiles) * TW, c1 = std::min(D, c0 + TW);
+      const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
+      const int64_t seg = G > 0 ? G : c1 - c0;  // group-norm segments of the block (one without the norm)
       for (int64_t t = 0; t < L; ++t) {
         const float *ut = pu + (b * L + t) * D, *dtt = pdt + (b * L + t) * D;
-        float *ubt = ub.data() + t * TWp - c0, *dlt = dlb.data() + t * TWp - c0;
+        float *ubt = ub.data() + t * W - c0, *dlt = dlb.data() + t * W - c0;
+        if (t + 2 < L) {
+          prefetch(ut + 2 * D + c0, c1 - c0);
+          prefetch(dtt + 2 * D + c0, c1 - c0);
+        }
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
           st(dlt + c, softplus_t(ld<T>(dtt + c)) * inv_scale);
           st(ubt + c, ld<T>(ut + c));
         });
-        for (int64_t c = c1; c < c0 + TWp; ++c) ubt[c] = dlt[c] = 0.f;  // pad lanes (a narrower last tile)
+        zero_pad(ubt, c0, c1);
+        zero_pad(dlt, c0, c1);
       }
-      for (int64_t c = c0; c < c1; c += 8) {
+      for (int64_t c = c0; c < c1; c += kW) {
         gather_a(pA, c, c1, N, av.data());
-        grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), TWp, av.data(), pB + b * L * N,
+        grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), W, av.data(), pB + b * L * N,
                                  pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr);
       }
       for (int64_t t = 0; t < L; ++t) {
-        const float *ybt = yb.data() + t * TWp - c0, *ut = pu + (b * L + t) * D, *zt = pz + b * zsb + t * zs;
+        const float *ybt = yb.data() + t * W - c0, *ut = pu + (b * L + t) * D, *zt = pz + b * zsb + t * zs;
         float *ot = po + (b * L + t) * D, *yt = py + (b * L + t) * D;
-        float r = 1.f;
-        v8f ssv{};
-        float sss = 0.f;
-        for_lanes(c0, c1, [&](int64_t c, auto tag) {
-          using T = decltype(tag);
-          const T y = ld<T>(ybt + c);
-          st(yt + c, y);
-          if constexpr (std::is_same_v<T, v8f>) ssv += y * y; else sss += y * y;
-        });
-        if (G > 0) r = 1.f / std::sqrt((hsum(ssv) + sss) / (float)(c1 - c0) + kGroupEps);
-        for_lanes(c0, c1, [&](int64_t c, auto tag) {
-          using T = decltype(tag);
-          const T zz = ld<T>(zt + c);
-          st(ot + c, (ld<T>(ybt + c) * r + ld<T>(pD + c) * ld<T>(ut + c)) * zz * sigmoid_t(zz));
-        });
+        if (t + 2 < L) {
+          prefetch(ut + 2 * D + c0, c1 - c0);
+          prefetch(zt + 2 * zs + c0, c1 - c0);
+        }
+        for (int64_t s0 = c0; s0 < c1; s0 += seg) {
+          const int64_t s1 = std::min(c1, s0 + seg);
+          const float r = G > 0 ? 1.f / std::sqrt(sum_squares(ybt, s0, s1) / (float)(s1 - s0) + kGroupEps) : 1.f;
+          for_lanes(s0, s1, [&](int64_t c, auto tag) {
+            using T = decltype(tag);
+            const T y = ld<T>(ybt + c), zz = ld<T>(zt + c);
+            st_stream(yt + c, y);
+            st(ot + c, (y * r + ld<T>(pD + c) * ld<T>(ut + c)) * zz * sigmoid_t(zz));
+          });
+        }
       }
     }
+    stream_fence();
   });
   return {out, yraw};
 }
@@ -619,7 +714,8 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                             torch::Tensor dout, int64_t G, double delta_scale) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
-  const int64_t TW = tile_width(D, G), ntiles = (D + TW - 1) / TW, TWp = (TW + 7) / 8 * 8;
+  const Blocks blk = chain_blocks(Bt, L, D, G);
+  const int64_t W = blk.padded;
   auto du = torch::empty({Bt, L, D}, u.options());
   auto ddt = torch::empty({Bt, L, D}, u.options());
   auto dz = torch::empty({Bt, L, D}, u.options());
@@ -634,81 +730,78 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
   float* pdD = dD.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
   std::mutex mu;
-  at::parallel_for(0, Bt * ntiles, 1, [&](int64_t begin, int64_t end) {
-    const int64_t b0 = begin / ntiles, b1 = (end - 1) / ntiles;
-    // (L, TWp) tiles: u, delta, d loss / d y, then the scan's du and d delta
-    // and the delta' = sigmoid(dt) / delta_scale and D-skip part of du of the element-wise pass
-    std::vector<float> ub(L * TWp, 0.f), dlb(L * TWp, 0.f), dyb(L * TWp, 0.f), duc(L * TWp), ddl(L * TWp);
-    std::vector<float> sgb(L * TWp), dsk(L * TWp);
-    std::vector<float> hs((L + 1) * N * 8), as(L * N * 8), av(N * 8), dAv(N * 8), dBv(L * N * 8), dCv(L * N * 8);
+  at::parallel_for(0, Bt * blk.count, 1, [&](int64_t begin, int64_t end) {
+    const int64_t b0 = begin / blk.count, b1 = (end - 1) / blk.count;
+    // (L, W) block buffers: u; delta, then the scan's d delta; d loss / d y, then the scan's du; and, from the
+    // element-wise pass, delta' = sigmoid(dt) / delta_scale and the D-skip part of du
+    std::vector<float> ub(L * W), dlb(L * W), dyb(L * W), sgb(L * W), dsk(L * W);
+    std::vector<float> hs((L + 1) * N * kW), as(L * N * kW), av(N * kW), dAv(N * kW), dBv(L * N * kW, 0.f),
+        dCv(L * N * kW, 0.f);
     std::vector<float> lA(D * N, 0.f), lD(D, 0.f), lB((b1 - b0 + 1) * L * N, 0.f), lC((b1 - b0 + 1) * L * N, 0.f);
-    std::fill(dBv.begin(), dBv.end(), 0.f);
-    std::fill(dCv.begin(), dCv.end(), 0.f);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / ntiles, c0 = (i % ntiles) * TW, c1 = std::min(D, c0 + TW);
-      // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token
+      const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
+      const int64_t seg = G > 0 ? G : c1 - c0;
+      // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token and segment
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t row = (b * L + t) * D;
+        const int64_t row = (b * L + t) * D, o = t * W - c0;
         const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * zsb + t * zs;
-        float *dzt = pdz + row, *dskt = dsk.data() + t * TWp - c0, *sgt = sgb.data() + t * TWp - c0;
-        float *ubt = ub.data() + t * TWp - c0, *dlt = dlb.data() + t * TWp - c0, *dyt = dyb.data() + t * TWp - c0;
-        float r = 1.f;
-        if (G > 0) {
-          v8f ssv{};
-          float sss = 0.f;
-          for_lanes(c0, c1, [&](int64_t c, auto tag) {
+        float *dzt = pdz + row, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
+        float *ubt = ub.data() + o, *dlt = dlb.data() + o, *dyt = dyb.data() + o;
+        if (t + 2 < L)
+          for (const float* p : {yt, ut, dtt, dot_}) prefetch(p + 2 * D + c0, c1 - c0);
+        if (t + 2 < L) prefetch(zt + 2 * zs + c0, c1 - c0);
+        for (int64_t s0 = c0; s0 < c1; s0 += seg) {
+          const int64_t s1 = std::min(c1, s0 + seg);
+          const float r = G > 0 ? 1.f / std::sqrt(sum_squares(yt, s0, s1) / (float)(s1 - s0) + kGroupEps) : 1.f;
+          vf dotv{};
+          float dots = 0.f;
+          for_lanes(s0, s1, [&](int64_t c, auto tag) {
             using T = decltype(tag);
-            const T y = ld<T>(yt + c);
-            if constexpr (std::is_same_v<T, v8f>) ssv += y * y; else sss += y * y;
+            const T zz = ld<T>(zt + c), sg = sigmoid_t(zz), s = zz * sg, uu = ld<T>(ut + c), dk = ld<T>(pD + c);
+            const T yn = ld<T>(yt + c) * r, pre = yn + dk * uu, dd = ld<T>(dot_ + c), dpre = dd * s;
+            st(dzt + c, dd * pre * sg * (zz * (1.f - sg) + 1.f));
+            st(lD.data() + c, ld<T>(lD.data() + c) + dpre * uu);
+            st(dskt + c, dpre * dk);  // the D-skip part of du; the scan part is added below
+            if constexpr (std::is_same_v<T, vf>) dotv += dpre * yn; else dots += dpre * yn;
+            st(dyt + c, dpre);  // d loss / d yn for now
+            st(ubt + c, uu);
+            T sig;
+            st(dlt + c, softplus_sigmoid_t(ld<T>(dtt + c), sig) * inv_scale);
+            st(sgt + c, sig * inv_scale);
           });
-          r = 1.f / std::sqrt((hsum(ssv) + sss) / (float)(c1 - c0) + kGroupEps);
+          if (G > 0) {  // d y = r (d yn - yn mean(d yn * yn))
+            const float m = (hsum(dotv) + dots) / (float)(s1 - s0);
+            for_lanes(s0, s1, [&](int64_t c, auto tag) {
+              using T = decltype(tag);
+              st(dyt + c, (ld<T>(dyt + c) - ld<T>(yt + c) * (r * m)) * r);
+            });
+          }
         }
-        v8f dotv{};
-        float dots = 0.f;
-        for_lanes(c0, c1, [&](int64_t c, auto tag) {
-          using T = decltype(tag);
-          const T zz = ld<T>(zt + c), sg = sigmoid_t(zz), s = zz * sg, uu = ld<T>(ut + c), dk = ld<T>(pD + c);
-          const T yn = ld<T>(yt + c) * r, pre = yn + dk * uu, dd = ld<T>(dot_ + c), dpre = dd * s;
-          st(dzt + c, dd * pre * sg * (zz * (1.f - sg) + 1.f));
-          st(lD.data() + c, ld<T>(lD.data() + c) + dpre * uu);
-          st(dskt + c, dpre * dk);  // the D-skip part of du; the scan part is added below
-          if constexpr (std::is_same_v<T, v8f>) dotv += dpre * yn; else dots += dpre * yn;
-          st(dyt + c, dpre);  // d loss / d yn for now
-          st(ubt + c, uu);
-          T sig;
-          st(dlt + c, softplus_sigmoid_t(ld<T>(dtt + c), sig) * inv_scale);
-          st(sgt + c, sig * inv_scale);
-        });
-        for (int64_t c = c1; c < c0 + TWp; ++c) ubt[c] = dlt[c] = dyt[c] = 0.f;  // pad lanes
-        if (G > 0) {  // d y = r (d yn - yn mean(d yn * yn))
-          const float m = (hsum(dotv) + dots) / (float)(c1 - c0);
-          for_lanes(c0, c1, [&](int64_t c, auto tag) {
-            using T = decltype(tag);
-            st(dyt + c, (ld<T>(dyt + c) - ld<T>(yt + c) * (r * m)) * r);
-          });
-        }
+        zero_pad(ubt, c0, c1);
+        zero_pad(dlt, c0, c1);
+        zero_pad(dyt, c0, c1);
       }
-      for (int64_t c = c0; c < c1; c += 8) {
+      for (int64_t c = c0; c < c1; c += kW) {  // the scan's du and d delta overwrite dy and delta in place
         const int64_t o = c - c0;
         gather_a(pA, c, c1, N, av.data());
         std::fill(dAv.begin(), dAv.end(), 0.f);
-        grp_bwd<NC>(ub.data() + o, dlb.data() + o, dyb.data() + o, TWp, av.data(), pB + b * L * N, pC + b * L * N,
-                    L, N, hs.data(), as.data(), duc.data() + o, ddl.data() + o, dAv.data(), dBv.data(), dCv.data());
+        grp_bwd<NC>(ub.data() + o, dlb.data() + o, dyb.data() + o, W, av.data(), pB + b * L * N, pC + b * L * N,
+                    L, N, hs.data(), as.data(), dyb.data() + o, dlb.data() + o, dAv.data(), dBv.data(), dCv.data());
         for (int64_t n = 0; n < N; ++n)
-          for (int64_t k = 0; k < 8 && c + k < c1; ++k) lA[(c + k) * N + n] += dAv[n * 8 + k];
+          for (int64_t k = 0; k < kW && c + k < c1; ++k) lA[(c + k) * N + n] += dAv[n * kW + k];
       }
-      if (i + 1 == end || (i + 1) / ntiles != b) {  // last tile of this image in the chunk: sum the 8 lanes once
+      if (i + 1 == end || (i + 1) / blk.count != b) {  // last block of this image in the chunk: sum the lanes once
         const int64_t off = (b - b0) * L * N;
         for (int64_t k = 0; k < L * N; ++k) {
-          lB[off + k] += hsum(vload(dBv.data() + 8 * k));
-          lC[off + k] += hsum(vload(dCv.data() + 8 * k));
+          lB[off + k] += hsum(vld<vf>(dBv.data() + kW * k));
+          lC[off + k] += hsum(vld<vf>(dCv.data() + kW * k));
         }
         std::fill(dBv.begin(), dBv.end(), 0.f);
         std::fill(dCv.begin(), dCv.end(), 0.f);
       }
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t row = (b * L + t) * D, o = t * TWp - c0;
-        const float *duct = duc.data() + o, *ddlt = ddl.data() + o, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
+        const int64_t row = (b * L + t) * D, o = t * W - c0;
+        const float *duct = dyb.data() + o, *ddlt = dlb.data() + o, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
         float *dut = pdu + row, *ddtt = pddt + row;
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
@@ -744,14 +837,7 @@ std::vector<torch::Tensor> rms_fwd(torch::Tensor x, torch::Tensor w, double eps)
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = px + r * C;
-      v8f ssv{};
-      float sss = 0.f;
-      for_lanes(0, C, [&](int64_t c, auto tag) {
-        using T = decltype(tag);
-        const T v = ld<T>(xr + c);
-        if constexpr (std::is_same_v<T, v8f>) ssv += v * v; else sss += v * v;
-      });
-      const float rs = 1.f / std::sqrt((hsum(ssv) + sss) / (float)C + (float)eps);
+      const float rs = 1.f / std::sqrt(sum_squares(xr, 0, C) / (float)C + (float)eps);
       pr[r] = rs;
       for_lanes(0, C, [&](int64_t c, auto tag) {
         using T = decltype(tag);
@@ -781,13 +867,13 @@ std::vector<torch::Tensor> rms_bwd(torch::Tensor dy, torch::Tensor x, torch::Ten
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = px + r * C, *dyr = pdy + r * C;
       const float rs = pr[r];
-      v8f sv{};
+      vf sv{};
       float ss = 0.f;
       for_lanes(0, C, [&](int64_t c, auto tag) {
         using T = decltype(tag);
         const T d = ld<T>(dyr + c), v = ld<T>(xr + c);
         st(lw.data() + c, ld<T>(lw.data() + c) + d * v * rs);
-        if constexpr (std::is_same_v<T, v8f>) sv += d * ld<T>(pw + c) * v; else ss += d * ld<T>(pw + c) * v;
+        if constexpr (std::is_same_v<T, vf>) sv += d * ld<T>(pw + c) * v; else ss += d * ld<T>(pw + c) * v;
       });
       const float k = rs * rs * (hsum(sv) + ss) / (float)C;
       for_lanes(0, C, [&](int64_t c, auto tag) {
