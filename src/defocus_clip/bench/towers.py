@@ -13,6 +13,11 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
+    python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
+
+On CUDA (`--device cuda`, `bench_cuda`) all towers run in one process, one after the other (GPU step times do not
+drift with a shared CPU's load), under bf16 autocast; memory is `torch.cuda.max_memory_allocated`; every De-focus
+Mamba tower is measured once per scan implementation (`CUDA_SCANS`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .measure import add_ratios, machine_info, run_worker, summarise, time_inter
 BASELINE = "clip:ViT-B-32"
 GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
 GOAL_RATIO = 0.9
+CUDA_SCANS = ("torch", "triton")  # mamba_ssm's "cuda" joins when it imports
 # towers of the other families, measured when their timm names are registered
 _OPTIONAL_TIMM = ("defocus_vit_base_patch32_224", "defocus_retnet_base_patch32_224")
 
@@ -329,6 +335,125 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _measure_cuda(tower, images, steps: int, warmup: int) -> dict:
+    """Median synchronised step time of bf16-autocast forward + `square().mean()` + backward; peak memory of the
+    timed steps: `max_memory_allocated` (weights, gradients, activations, workspace) and the part above what was
+    allocated before them (the step's own)."""
+    import time
+
+    import torch
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = tower(images)
+        out.float().square().mean().backward()
+        tower.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):  # also compiles the Triton kernels
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated()
+    step_s = statistics.median(times)
+    return {"step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
+            "img_s": round(images.shape[0] / step_s, 1), "peak_mb": round(peak / 2**20), "step_mb": round(
+                (peak - before) / 2**20)}
+
+
+def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_size: int = 224, steps: int = 10,
+               warmup: int = 3, scan_impls: tuple[str, ...] = CUDA_SCANS) -> dict:
+    """Training throughput and peak memory of each tower on the current CUDA device, ViT-B-32 first, ratios against
+    it; De-focus Mamba towers once per scan implementation in `scan_impls` that can run here (others are noted).
+    A measurement that runs out of memory is recorded as such and the others go on."""
+    import torch
+
+    from ..errors import ConfigError
+    from ..layers.scan import ScanUnavailableError, resolve_scan_impl
+    from ..towers.mamba import DefocusMambaMixer
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    dev = torch.device("cuda")
+    specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
+    if BASELINE not in specs:
+        specs.insert(0, BASELINE)
+    impls = list(scan_impls) + (["cuda"] if "cuda" not in scan_impls else [])
+    usable, unusable = [], {}
+    for impl in impls:
+        try:
+            usable.append(resolve_scan_impl(dev, impl))
+        except ScanUnavailableError as e:
+            unusable[impl] = str(e)
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    rows: dict[str, dict] = {}
+    for spec in specs:
+        tower = build_tower(spec, image_size).to(dev)
+        params = round(sum(p.numel() for p in tower.parameters()) / 1e6, 2)
+        mixers = [m for m in tower.modules() if isinstance(m, DefocusMambaMixer)]
+        for impl in usable if mixers else [None]:
+            for m in mixers:
+                m.scan_impl = impl
+            name = f"{spec} [scan={impl}]" if impl else spec
+            try:
+                rows[name] = {"params_m": params, **_measure_cuda(tower, images, steps, warmup)}
+            except torch.cuda.OutOfMemoryError:
+                rows[name] = {"params_m": params, "error": "out of memory"}
+            tower.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        del tower
+        torch.cuda.empty_cache()
+    base = rows[BASELINE]
+    for r in rows.values():
+        if "error" not in r and "error" not in base:
+            r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3)
+            r["memory_ratio"] = round(r["peak_mb"] / base["peak_mb"], 3)
+    return {"device": cuda_machine_info(), "batch_size": batch_size, "image_size": image_size, "steps": steps,
+            "warmup": warmup, "precision": "bf16 autocast", "baseline": BASELINE, "scan_unavailable": unusable,
+            "models": rows}
+
+
+def cuda_machine_info() -> dict:
+    import importlib.metadata
+
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"gpu": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count, "capability": f"{props.major}.{props.minor}",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton}
+
+
+def format_cuda(result: dict) -> str:
+    d = result["device"]
+    lines = [f"towers on {d['gpu']} ({d['memory_gb']} GiB, {d['multiprocessors']} SMs, sm_{d['capability']}), "
+             f"torch {d['torch']} (CUDA {d['cuda']}), triton {d['triton']}: batch {result['batch_size']}, "
+             f"{result['image_size']} px, {result['precision']} forward+backward, median of {result['steps']} steps "
+             f"after {result['warmup']}",
+             f"  {'model':<44} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'peak MiB':>9} {'step MiB':>9} "
+             f"{'vs ViT':>7}"]
+    for name, r in result["models"].items():
+        if "error" in r:
+            lines.append(f"  {name:<44} {r['params_m']:8.1f} {r['error']}")
+            continue
+        lines.append(f"  {name:<44} {r['params_m']:8.1f} {r['img_s']:8.1f} {r.get('speed_ratio', 0):7.2f} "
+                     f"{r['peak_mb']:9d} {r['step_mb']:9d} {r.get('memory_ratio', 0):7.2f}")
+    for impl, why in result["scan_unavailable"].items():
+        lines.append(f"  (scan={impl} not measured: {why})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m defocus_clip.bench.towers", description=__doc__.split("\n")[0])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
@@ -339,13 +464,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-source", default=None, metavar="CPP",
                    help="--layer / --interleaved: also time De-focus Mamba with the kernel built from this C++ source")
     p.add_argument("--models", nargs="+", default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: all --models on the GPU in this process, bf16 autocast (default batch 256)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="--device cuda: also write the result")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup)
+        print(format_cuda(result))
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=2))
+        return 0
+    a.batch_size = a.batch_size or 32
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
     elif a.interleaved:
