@@ -14,6 +14,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
+    python -m defocus_clip.bench.towers --device cuda --scan                           # the scan alone, GPU
 
 On CUDA (`--device cuda`, `bench_cuda`) all towers run in one process, one after the other (GPU step times do not
 drift with a shared CPU's load), under bf16 autocast; memory is `torch.cuda.max_memory_allocated`; every De-focus
@@ -454,6 +455,79 @@ def format_cuda(result: dict) -> str:
     return "\n".join(lines)
 
 
+# Triton tile configurations that `--scan` compares (the first is the shipped default, `scan_triton.CONFIG`)
+SCAN_CANDIDATES = (
+    {}, {"fwd_block_d": 16}, {"fwd_block_d": 64}, {"fwd_block_d": 64, "fwd_warps": 8},
+    {"bwd_tile": 1024}, {"bwd_tile": 1024, "bwd_warps": 8}, {"bwd_tile": 256, "bwd_warps": 2},
+    {"bwd_tile": 512, "bwd_warps": 8}, {"chunk": 32, "bwd_tile": 512},
+)
+
+
+def bench_scan_cuda(batch_size: int = 256, d_inner: int = 1536, tokens: int = 50, d_state: int = 16,
+                    steps: int = 20, candidates: tuple[dict, ...] = SCAN_CANDIDATES) -> dict:
+    """The selective scan alone on the GPU at one De-focus Mamba-B/32 layer's shapes (224 px: 50 tokens), inputs
+    as under autocast (u bf16, the rest float32): median forward and backward milliseconds and peak memory of the
+    pure-PyTorch scan and of the Triton kernel with each tile configuration in `candidates`."""
+    import dataclasses
+
+    import torch
+
+    from ..layers import scan_triton
+    from ..layers.scan import selective_scan
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (batch_size, d_inner, tokens)
+    u = torch.randn(shape, device=dev, generator=g).bfloat16().requires_grad_()
+    delta = (torch.rand(shape, device=dev, generator=g) * 0.1).requires_grad_()
+    A = (-torch.rand(d_inner, d_state, device=dev, generator=g) * 16).requires_grad_()
+    B, C = (torch.randn(batch_size, d_state, tokens, device=dev, generator=g).requires_grad_() for _ in range(2))
+    dy = torch.randn(shape, device=dev, generator=g)
+
+    def measure(impl: str) -> dict:
+        fwd, bwd = [], []
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        for i in range(steps + 2):  # 2 warm-up rounds (Triton compiles)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            events[0].record()
+            y = selective_scan(u, delta, A, B, C, impl=impl)
+            events[1].record()
+            torch.autograd.grad(y, (u, delta, A, B, C), dy)
+            events[2].record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                fwd.append(events[0].elapsed_time(events[1]))
+                bwd.append(events[1].elapsed_time(events[2]))
+            del y
+        return {"fwd_ms": round(statistics.median(fwd), 3), "bwd_ms": round(statistics.median(bwd), 3),
+                "peak_mb": round((torch.cuda.max_memory_allocated() - before) / 2**20)}
+
+    rows = {"torch": measure("torch")}
+    default = scan_triton.CONFIG
+    try:
+        for overrides in candidates:
+            scan_triton.CONFIG = dataclasses.replace(default, **overrides)
+            name = "triton " + (",".join(f"{k}={v}" for k, v in overrides.items()) or "(default)")
+            rows[name] = measure("triton")
+    finally:
+        scan_triton.CONFIG = default
+    return {"device": cuda_machine_info(), "shape": {"batch": batch_size, "d_inner": d_inner, "tokens": tokens,
+            "d_state": d_state}, "steps": steps, "default": dataclasses.asdict(default), "rows": rows}
+
+
+def format_scan_cuda(result: dict) -> str:
+    d, s = result["device"], result["shape"]
+    lines = [f"selective scan on {d['gpu']}, torch {d['torch']}, triton {d['triton']}: (Bt, D, L, N) = "
+             f"({s['batch']}, {s['d_inner']}, {s['tokens']}, {s['d_state']}), u bf16, median of {result['steps']}; "
+             f"default config {result['default']}",
+             f"  {'implementation':<48} {'fwd ms':>8} {'bwd ms':>8} {'peak MiB':>9}"]
+    for name, r in result["rows"].items():
+        lines.append(f"  {name:<48} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} {r['peak_mb']:9d}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m defocus_clip.bench.towers", description=__doc__.split("\n")[0])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
@@ -467,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: all --models on the GPU in this process, bf16 autocast (default batch 256)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="--device cuda: also write the result")
+    p.add_argument("--scan", action="store_true", help="--device cuda: the selective scan alone, per implementation")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -475,8 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.device == "cuda":
-        result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup)
-        print(format_cuda(result))
+        if a.scan:
+            result = bench_scan_cuda(a.batch_size or 256, steps=max(a.steps, 1))
+            print(format_scan_cuda(result))
+        else:
+            result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup)
+            print(format_cuda(result))
         if a.json:
             a.json.write_text(json.dumps(result, indent=2))
         return 0

@@ -36,12 +36,14 @@ import triton.language as tl
 @dataclass(frozen=True)
 class TritonScanConfig:
     """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program; the backward holds
-    about a dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels."""
+    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels, which sets its
+    register use (sm_90, N = 16, chunk 64: 183 registers for a 512 tile at 4 warps, 255 for 1024)."""
 
     fwd_block_d: int = 32  # channels per forward program
+    fwd_warps: int = 4
     chunk: int = 64  # tokens per backward chunk (and the forward's checkpoint interval); a power of two
-    bwd_tile: int = 1024  # channels x tokens of one backward tile: ~8 floats per thread and tile at 4 warps
-    num_warps: int = 4
+    bwd_tile: int = 512  # channels x tokens of one backward tile
+    bwd_warps: int = 4
 
 
 CONFIG = TritonScanConfig()
@@ -202,7 +204,7 @@ class _TritonScan(torch.autograd.Function):
                 u, delta, A, B, C, y, y if ckpt is None else ckpt, d, length, n,  # y: a pointer never written
                 *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_checkpoint_strides(ckpt),
                 BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=_chunk(length), STORE_CKPT=ckpt is not None,
-                num_warps=CONFIG.num_warps,
+                num_warps=CONFIG.fwd_warps,
             )
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, ckpt)
@@ -225,7 +227,7 @@ class _TritonScan(torch.autograd.Function):
                 u, delta, A, B, C, dy, du if ckpt is None else ckpt, du, ddelta, dA, dB, dC, d, length, n, nblk,
                 *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
                 *_checkpoint_strides(ckpt),
-                BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=CONFIG.num_warps,
+                BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=CONFIG.bwd_warps,
             )
         else:
             dA.zero_(), dB.zero_(), dC.zero_()
