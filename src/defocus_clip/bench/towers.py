@@ -372,7 +372,7 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
                warmup: int = 3, scan_impls: tuple[str, ...] = CUDA_SCANS) -> dict:
     """Training throughput and peak memory of each tower on the current CUDA device, ViT-B-32 first, ratios against
     it; De-focus Mamba towers once per scan implementation in `scan_impls` that can run here (others are noted).
-    A measurement that runs out of memory is recorded as such and the others go on."""
+    A measurement that fails (out of memory, say) is recorded with its error and the others go on."""
     import torch
 
     from ..errors import ConfigError
@@ -405,8 +405,8 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
             name = f"{spec} [scan={impl}]" if impl else spec
             try:
                 rows[name] = {"params_m": params, **_measure_cuda(tower, images, steps, warmup)}
-            except torch.cuda.OutOfMemoryError:
-                rows[name] = {"params_m": params, "error": "out of memory"}
+            except Exception as e:  # out of memory, a kernel that does not build: recorded, the others go on
+                rows[name] = {"params_m": params, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             tower.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         del tower
@@ -510,7 +510,10 @@ def bench_scan_cuda(batch_size: int = 256, d_inner: int = 1536, tokens: int = 50
         for overrides in candidates:
             scan_triton.CONFIG = dataclasses.replace(default, **overrides)
             name = "triton " + (",".join(f"{k}={v}" for k, v in overrides.items()) or "(default)")
-            rows[name] = measure("triton")
+            try:
+                rows[name] = measure("triton")
+            except Exception as e:  # a configuration that does not build or fit: recorded, the others go on
+                rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
         scan_triton.CONFIG = default
     return {"device": cuda_machine_info(), "shape": {"batch": batch_size, "d_inner": d_inner, "tokens": tokens,
@@ -524,6 +527,9 @@ def format_scan_cuda(result: dict) -> str:
              f"default config {result['default']}",
              f"  {'implementation':<48} {'fwd ms':>8} {'bwd ms':>8} {'peak MiB':>9}"]
     for name, r in result["rows"].items():
+        if "error" in r:
+            lines.append(f"  {name:<48} {r['error']}")
+            continue
         lines.append(f"  {name:<48} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} {r['peak_mb']:9d}")
     return "\n".join(lines)
 
