@@ -472,9 +472,12 @@ def bench_scan_cuda(batch_size: int = 256, d_inner: int = 1536, tokens: int = 50
 
     import torch
 
+    from ..errors import ConfigError
     from ..layers import scan_triton
     from ..layers.scan import selective_scan
 
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda --scan: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     shape = (batch_size, d_inner, tokens)
