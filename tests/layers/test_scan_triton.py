@@ -33,8 +33,9 @@ def check_against_recurrence(inputs, tol=1e-5, grad_tol=1e-4):
     (y_ref * probe).sum().backward()
     for name, mine, theirs in zip("u delta A B C".split(), ours, ref):
         assert mine.grad.dtype == mine.dtype and mine.grad.shape == theirs.shape, name
-        if theirs.grad.abs().max() == 0:  # dA at L = 1: no earlier state to decay
-            assert mine.grad.abs().max() == 0, name
+        if theirs.grad.abs().max() == 0:  # dA at L = 1: no earlier state to decay. The kernel gets a h_{t-1} as
+            # h_t - b_t; compiled, the subtraction fuses with the product in b_t (FMA), leaving its rounding (~1e-9)
+            assert mine.grad.abs().max() < 1e-7, name
         else:
             assert rel_err(mine.grad.cpu(), theirs.grad) < grad_tol, name
 

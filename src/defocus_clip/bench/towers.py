@@ -231,25 +231,33 @@ def format_interleaved(result: dict) -> str:
 
 
 def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, row_limit: int = 25,
-                  threads: int | None = None) -> str:
-    """torch.profiler table (self CPU time per op) of `steps` forward+backward steps after one warm-up step."""
+                  threads: int | None = None, device: str = "cpu") -> str:
+    """torch.profiler table of `steps` forward+backward steps after one warm-up step: self CPU time per op, or on
+    CUDA (bf16 autocast, as `bench_cuda`) self device time per op and kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     if threads:
         torch.set_num_threads(threads)
-    tower = build_tower(resolve_spec(spec), image_size)
-    images = torch.randn(batch_size, 3, image_size, image_size)
+    tower = build_tower(resolve_spec(spec), image_size).to(device)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    cuda = torch.device(device).type == "cuda"
 
     def step():
-        tower(images).float().square().mean().backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = tower(images)
+        out.float().square().mean().backward()
         tower.zero_grad(set_to_none=True)
 
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 
 @contextlib.contextmanager
@@ -385,7 +393,7 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
     specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
     if BASELINE not in specs:
         specs.insert(0, BASELINE)
-    impls = list(scan_impls) + (["cuda"] if "cuda" not in scan_impls else [])
+    impls = list(scan_impls) + (["cuda"] if "cuda" not in scan_impls and scan_impls == CUDA_SCANS else [])
     usable, unusable = [], {}
     for impl in impls:
         try:
@@ -457,9 +465,9 @@ def format_cuda(result: dict) -> str:
 
 # Triton tile configurations that `--scan` compares (the first is the shipped default, `scan_triton.CONFIG`)
 SCAN_CANDIDATES = (
-    {}, {"fwd_block_d": 16}, {"fwd_block_d": 64}, {"fwd_block_d": 64, "fwd_warps": 8},
-    {"bwd_tile": 1024}, {"bwd_tile": 1024, "bwd_warps": 8}, {"bwd_tile": 256, "bwd_warps": 2},
-    {"bwd_tile": 512, "bwd_warps": 8}, {"chunk": 32, "bwd_tile": 512},
+    {}, {"chunk": 64}, {"bwd_tile": 256}, {"bwd_tile": 256, "bwd_warps": 2}, {"bwd_tile": 1024},
+    {"bwd_tile": 1024, "bwd_warps": 8}, {"bwd_warps": 2}, {"chunk": 16}, {"chunk": 16, "bwd_tile": 256},
+    {"chunk": 16, "bwd_tile": 256, "bwd_warps": 2}, {"fwd_block_d": 16}, {"fwd_block_d": 64, "fwd_warps": 8},
 )
 
 
@@ -551,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuda: all --models on the GPU in this process, bf16 autocast (default batch 256)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="--device cuda: also write the result")
     p.add_argument("--scan", action="store_true", help="--device cuda: the selective scan alone, per implementation")
+    p.add_argument("--scans", nargs="+", default=list(CUDA_SCANS), choices=("torch", "triton", "cuda"),
+                   help="--device cuda: the scan implementations to measure De-focus Mamba towers with")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -559,11 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.device == "cuda":
+        if a.profile:
+            print(profile_tower(a.profile, a.batch_size or 256, a.image_size, a.steps, device="cuda"))
+            return 0
         if a.scan:
             result = bench_scan_cuda(a.batch_size or 256, steps=max(a.steps, 1))
             print(format_scan_cuda(result))
         else:
-            result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup)
+            result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup, tuple(a.scans))
             print(format_cuda(result))
         if a.json:
             a.json.write_text(json.dumps(result, indent=2))

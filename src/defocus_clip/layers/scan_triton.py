@@ -8,7 +8,7 @@ dozens of passes over them. Here nothing of that size is ever stored:
 - Forward: one program per (image, block of channels) keeps the (channels x N) states in registers and walks the L
   tokens one at a time, float32 math whatever the input dtype (bf16 under autocast). For the backward it also
   writes the states at the start of every chunk of `chunk` tokens but the first: Bt*D*N*(ceil(L/chunk) - 1)
-  floats, nothing at all for L <= chunk (224 px at patch 32: L = 50).
+  floats (224 px at patch 32, L = 50, chunk 32: one state per image, channel and state index, 1/50 of them all).
 - Backward: per (image, block of channels), the chunks in reverse order; per chunk and state index, the chunk's
   states are recomputed from its saved start by a parallel scan over its tokens (`tl.associative_scan`) and the
   adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, both in registers; the adjoint carried from one chunk
@@ -36,12 +36,13 @@ import triton.language as tl
 @dataclass(frozen=True)
 class TritonScanConfig:
     """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program; the backward holds
-    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels, which sets its
-    register use (sm_90, N = 16, chunk 64: 183 registers for a 512 tile at 4 warps, 255 for 1024)."""
+    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels. The defaults were
+    the fastest of `python -m defocus_clip.bench.towers --device cuda --scan` on an H200 (docs/benchmarks.md,
+    GPU section): backward 3.8 ms at (Bt, D, L, N) = (256, 1536, 50, 16) against 5.7 ms with 64-token chunks."""
 
     fwd_block_d: int = 32  # channels per forward program
     fwd_warps: int = 4
-    chunk: int = 64  # tokens per backward chunk (and the forward's checkpoint interval); a power of two
+    chunk: int = 32  # tokens per backward chunk (and the forward's checkpoint interval); a power of two
     bwd_tile: int = 512  # channels x tokens of one backward tile
     bwd_warps: int = 4
 
