@@ -1,8 +1,9 @@
 """Suite-wide settings: CPU only, offline, deterministic, small thread count (CI has 2 cores).
 
-The GPU stays hidden unless the caller names one: `CUDA_VISIBLE_DEVICES=0 pytest -m gpu tests/` runs the tests
-marked `gpu` (skipped where no CUDA device is visible) and runs the Triton kernel tests on the GPU instead of in
-Triton's interpreter, which is switched on here (before anything imports triton) when no GPU is visible.
+The GPU stays hidden unless the caller names one: with `CUDA_VISIBLE_DEVICES=0` the tests marked `gpu` run (they
+are skipped where no CUDA device is visible) and the Triton kernel tests run on the GPU instead of in Triton's
+interpreter, which is switched on here (before anything imports triton) when no GPU is visible. On a GPU machine:
+`CUDA_VISIBLE_DEVICES=0 pytest tests/layers/test_scan_triton.py tests/towers/test_cuda.py`.
 """
 
 import os

@@ -1,6 +1,6 @@
 """The towers on a CUDA device: float32 on the GPU against the float64 references computed on the CPU, causality,
 bf16 autocast, the scan selection, and OpenCLIP training steps. Marked `gpu`: skipped where no GPU is visible (CI);
-run them with `CUDA_VISIBLE_DEVICES=0 pytest -m gpu tests/`."""
+run them with `CUDA_VISIBLE_DEVICES=0 pytest tests/towers/test_cuda.py` (or `-m gpu`) on a GPU machine."""
 
 from __future__ import annotations
 
