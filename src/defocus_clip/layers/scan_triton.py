@@ -36,9 +36,11 @@ import triton.language as tl
 @dataclass(frozen=True)
 class TritonScanConfig:
     """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program; the backward holds
-    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels. The defaults were
-    the fastest of `python -m defocus_clip.bench.towers --device cuda --scan` on an H200 (docs/benchmarks.md,
-    GPU section): backward 3.8 ms at (Bt, D, L, N) = (256, 1536, 50, 16) against 5.7 ms with 64-token chunks."""
+    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels. Chosen with
+    `python -m defocus_clip.bench.towers --device cuda --scan` on an H200 (docs/benchmarks.md, GPU section): at
+    (Bt, D, L, N) = (256, 1536, 50, 16) the backward takes 3.8 ms with 32-token chunks, 5.7 ms with 64; 16-token
+    chunks took 2.8 ms there but were not tried in the tower and save three chunk-start states per channel at L = 50
+    where 32-token chunks save one."""
 
     fwd_block_d: int = 32  # channels per forward program
     fwd_warps: int = 4
