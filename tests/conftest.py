@@ -1,13 +1,30 @@
-"""Suite-wide settings: CPU only, offline, deterministic, small thread count (CI has 2 cores)."""
+"""Suite-wide settings: CPU only, offline, deterministic, small thread count (CI has 2 cores).
+
+The GPU stays hidden unless the caller names one: with `CUDA_VISIBLE_DEVICES=0` the tests marked `gpu` run (they
+are skipped where no CUDA device is visible) and the Triton kernel tests run on the GPU instead of in Triton's
+interpreter, which is switched on here (before anything imports triton) when no GPU is visible. On a GPU machine:
+`CUDA_VISIBLE_DEVICES=0 pytest tests/layers/test_scan_triton.py tests/towers/test_cuda.py`.
+"""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ["CUDA_VISIBLE_DEVICES"] else "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped where no CUDA device is visible (CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run with CUDA_VISIBLE_DEVICES set on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -228,7 +228,7 @@ def test_env_var_and_argument_select(monkeypatch):
 
 def test_bad_name_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "fast")
-    with pytest.raises(ConfigError, match=rf"'fast'.*{ENV_VAR}.*auto, ref, torch, cpp, cuda"):
+    with pytest.raises(ConfigError, match=rf"'fast'.*{ENV_VAR}.*auto, ref, torch, cpp, triton, cuda"):
         resolve_scan_impl("cpu")
     with pytest.raises(ConfigError, match="argument impl"):
         selective_scan(*make_inputs(1, 1, 2, 2), impl="nope")

@@ -7,6 +7,8 @@ import torch
 import defocus_clip  # noqa: F401  (registers the timm towers and OpenCLIP configs)
 from defocus_clip.towers.mamba import DefocusMamba
 
+from .reference_mamba import reference_forward_tokens
+
 # small enough for 2 shared CPU cores, big enough to exercise every step: 2 groups of 64 channels, 16 states
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, d_inner=128, d_state=16, dt_rank=8, num_classes=0)
 PLAIN = dict(use_rope=False, group_norm_size=0)
@@ -34,6 +36,16 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         else:
             p.add_(0.1 * noise)
     return model
+
+
+def mamba_reference_tokens(model: DefocusMamba, images: torch.Tensor) -> torch.Tensor:
+    """`model`'s tokens from the independent float64 reference (reference_mamba.py), with the model's settings;
+    differentiable w.r.t. its parameters (on the parameters' device)."""
+    m0 = model.blocks[0].mixer
+    return reference_forward_tokens(
+        dict(model.named_parameters()), images, group_norm_size=m0.group_norm_size,
+        delta_scale_factor=m0.delta_scale_factor, rope_scale_factor=m0.rope_scale_factor, sections=model.sections,
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

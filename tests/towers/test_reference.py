@@ -7,8 +7,7 @@ import torch
 
 from defocus_clip.layers import scan as scan_mod
 
-from .helpers import PLAIN, perturb_, rel_err, tiny_mamba
-from .reference_mamba import reference_forward_tokens
+from .helpers import PLAIN, mamba_reference_tokens, perturb_, rel_err, tiny_mamba
 
 CASES = {
     "defocus": dict(),
@@ -18,22 +17,13 @@ CASES = {
 }
 
 
-def _ref(model, images, **cfg):
-    m0 = model.blocks[0].mixer
-    return reference_forward_tokens(
-        dict(model.named_parameters()), images, group_norm_size=m0.group_norm_size,
-        delta_scale_factor=m0.delta_scale_factor, rope_scale_factor=m0.rope_scale_factor,
-        sections=model.sections,
-    )
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_scan_matches_reference_float64(case):
     torch.manual_seed(0)
     model = perturb_(tiny_mamba(scan_impl="torch", **CASES[case])).double().eval()
     images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
-        out, ref = model.forward_tokens(images), _ref(model, images)
+        out, ref = model.forward_tokens(images), mamba_reference_tokens(model, images)
     assert out.shape == ref.shape == (2, 17, 32)
     assert rel_err(out, ref) < 1e-5
 
@@ -44,7 +34,7 @@ def test_torch_scan_matches_reference_float32(case):
     model = perturb_(tiny_mamba(scan_impl="torch", **CASES[case])).eval()
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        out, ref = model.forward_tokens(images), _ref(model, images)
+        out, ref = model.forward_tokens(images), mamba_reference_tokens(model, images)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-3
 
@@ -56,7 +46,7 @@ def test_env_var_selects_torch_scan(monkeypatch):
     model = perturb_(tiny_mamba(scan_impl=None, **CASES["defocus-sections-scaled"])).double().eval()
     images = torch.randn(1, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(model.forward_tokens(images), _ref(model, images)) < 1e-5
+        assert rel_err(model.forward_tokens(images), mamba_reference_tokens(model, images)) < 1e-5
 
 
 def test_torch_scan_gradients_match_reference_float64():
@@ -70,7 +60,7 @@ def test_torch_scan_gradients_match_reference_float64():
     ours = {k: p.grad.clone() for k, p in params.items()} | {"images": images.grad.clone()}
     model.zero_grad()
     images.grad = None
-    (_ref(model, images) * probe).sum().backward()
+    (mamba_reference_tokens(model, images) * probe).sum().backward()
     theirs = {k: p.grad for k, p in params.items()} | {"images": images.grad}
     for k in ours:
         assert rel_err(ours[k], theirs[k]) < 1e-5, k
@@ -91,14 +81,14 @@ def test_other_scan_paths_match_reference(impl):
     model = perturb_(tiny_mamba(scan_impl=impl, **CASES["defocus-sections-scaled"])).eval()
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert rel_err(model.forward_tokens(images), _ref(model, images)) < 1e-3
+        assert rel_err(model.forward_tokens(images), mamba_reference_tokens(model, images)) < 1e-3
     if impl == "cpp":  # the fused kernel's backward, against the float64 reference, in float32 precision
         model.train()
         images.requires_grad_(True)
         model.forward_tokens(images).square().sum().backward()
         ours = {k: p.grad.clone() for k, p in model.named_parameters()}
         model.zero_grad()
-        _ref(model, images).square().sum().backward()
+        mamba_reference_tokens(model, images).square().sum().backward()
         for k, p in model.named_parameters():
             assert rel_err(ours[k], p.grad) < 1e-2, k
 

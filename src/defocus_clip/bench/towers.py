@@ -13,6 +13,12 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
+    python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
+    python -m defocus_clip.bench.towers --device cuda --scan                           # the scan alone, GPU
+
+On CUDA (`--device cuda`, `bench_cuda`) all towers run in one process, one after the other (GPU step times do not
+drift with a shared CPU's load), under bf16 autocast; memory is `torch.cuda.max_memory_allocated`; every De-focus
+Mamba tower is measured once per scan implementation (`CUDA_SCANS`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .measure import add_ratios, machine_info, run_worker, summarise, time_inter
 BASELINE = "clip:ViT-B-32"
 GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
 GOAL_RATIO = 0.9
+CUDA_SCANS = ("torch", "triton")  # mamba_ssm's "cuda" joins when it imports
 # towers of the other families, measured when their timm names are registered
 _OPTIONAL_TIMM = ("defocus_vit_base_patch32_224", "defocus_retnet_base_patch32_224")
 
@@ -224,25 +231,33 @@ def format_interleaved(result: dict) -> str:
 
 
 def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, row_limit: int = 25,
-                  threads: int | None = None) -> str:
-    """torch.profiler table (self CPU time per op) of `steps` forward+backward steps after one warm-up step."""
+                  threads: int | None = None, device: str = "cpu") -> str:
+    """torch.profiler table of `steps` forward+backward steps after one warm-up step: self CPU time per op, or on
+    CUDA (bf16 autocast, as `bench_cuda`) self device time per op and kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     if threads:
         torch.set_num_threads(threads)
-    tower = build_tower(resolve_spec(spec), image_size)
-    images = torch.randn(batch_size, 3, image_size, image_size)
+    tower = build_tower(resolve_spec(spec), image_size).to(device)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    cuda = torch.device(device).type == "cuda"
 
     def step():
-        tower(images).float().square().mean().backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = tower(images)
+        out.float().square().mean().backward()
         tower.zero_grad(set_to_none=True)
 
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 
 @contextlib.contextmanager
@@ -329,6 +344,207 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _measure_cuda(tower, images, steps: int, warmup: int) -> dict:
+    """Median synchronised step time of bf16-autocast forward + `square().mean()` + backward; peak memory of the
+    timed steps: `max_memory_allocated` (weights, gradients, activations, workspace) and the part above what was
+    allocated before them (the step's own)."""
+    import time
+
+    import torch
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = tower(images)
+        out.float().square().mean().backward()
+        tower.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):  # also compiles the Triton kernels
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated()
+    step_s = statistics.median(times)
+    return {"step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
+            "img_s": round(images.shape[0] / step_s, 1), "peak_mb": round(peak / 2**20), "step_mb": round(
+                (peak - before) / 2**20)}
+
+
+def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_size: int = 224, steps: int = 10,
+               warmup: int = 3, scan_impls: tuple[str, ...] = CUDA_SCANS) -> dict:
+    """Training throughput and peak memory of each tower on the current CUDA device, ViT-B-32 first, ratios against
+    it; De-focus Mamba towers once per scan implementation in `scan_impls` that can run here (others are noted).
+    A measurement that fails (out of memory, say) is recorded with its error and the others go on."""
+    import torch
+
+    from ..errors import ConfigError
+    from ..layers.scan import ScanUnavailableError, resolve_scan_impl
+    from ..towers.mamba import DefocusMambaMixer
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    dev = torch.device("cuda")
+    specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
+    if BASELINE not in specs:
+        specs.insert(0, BASELINE)
+    impls = list(scan_impls) + (["cuda"] if "cuda" not in scan_impls and scan_impls == CUDA_SCANS else [])
+    usable, unusable = [], {}
+    for impl in impls:
+        try:
+            usable.append(resolve_scan_impl(dev, impl))
+        except ScanUnavailableError as e:
+            unusable[impl] = str(e)
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    rows: dict[str, dict] = {}
+    for spec in specs:
+        tower = build_tower(spec, image_size).to(dev)
+        params = round(sum(p.numel() for p in tower.parameters()) / 1e6, 2)
+        mixers = [m for m in tower.modules() if isinstance(m, DefocusMambaMixer)]
+        for impl in usable if mixers else [None]:
+            for m in mixers:
+                m.scan_impl = impl
+            name = f"{spec} [scan={impl}]" if impl else spec
+            try:
+                rows[name] = {"params_m": params, **_measure_cuda(tower, images, steps, warmup)}
+            except Exception as e:  # out of memory, a kernel that does not build: recorded, the others go on
+                rows[name] = {"params_m": params, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            tower.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        del tower
+        torch.cuda.empty_cache()
+    base = rows[BASELINE]
+    for r in rows.values():
+        if "error" not in r and "error" not in base:
+            r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3)
+            r["memory_ratio"] = round(r["peak_mb"] / base["peak_mb"], 3)
+    return {"device": cuda_machine_info(), "batch_size": batch_size, "image_size": image_size, "steps": steps,
+            "warmup": warmup, "precision": "bf16 autocast", "baseline": BASELINE, "scan_unavailable": unusable,
+            "models": rows}
+
+
+def cuda_machine_info() -> dict:
+    import importlib.metadata
+
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"gpu": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count, "capability": f"{props.major}.{props.minor}",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton}
+
+
+def format_cuda(result: dict) -> str:
+    d = result["device"]
+    lines = [f"towers on {d['gpu']} ({d['memory_gb']} GiB, {d['multiprocessors']} SMs, sm_{d['capability']}), "
+             f"torch {d['torch']} (CUDA {d['cuda']}), triton {d['triton']}: batch {result['batch_size']}, "
+             f"{result['image_size']} px, {result['precision']} forward+backward, median of {result['steps']} steps "
+             f"after {result['warmup']}",
+             f"  {'model':<44} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'peak MiB':>9} {'step MiB':>9} "
+             f"{'vs ViT':>7}"]
+    for name, r in result["models"].items():
+        if "error" in r:
+            lines.append(f"  {name:<44} {r['params_m']:8.1f} {r['error']}")
+            continue
+        lines.append(f"  {name:<44} {r['params_m']:8.1f} {r['img_s']:8.1f} {r.get('speed_ratio', 0):7.2f} "
+                     f"{r['peak_mb']:9d} {r['step_mb']:9d} {r.get('memory_ratio', 0):7.2f}")
+    for impl, why in result["scan_unavailable"].items():
+        lines.append(f"  (scan={impl} not measured: {why})")
+    return "\n".join(lines)
+
+
+# Triton tile configurations that `--scan` compares (the first is the shipped default, `scan_triton.CONFIG`)
+SCAN_CANDIDATES = (
+    {}, {"chunk": 64}, {"bwd_tile": 256}, {"bwd_tile": 256, "bwd_warps": 2}, {"bwd_tile": 1024},
+    {"bwd_tile": 1024, "bwd_warps": 8}, {"bwd_warps": 2}, {"chunk": 16}, {"chunk": 16, "bwd_tile": 256},
+    {"chunk": 16, "bwd_tile": 256, "bwd_warps": 2}, {"fwd_block_d": 16}, {"fwd_block_d": 64, "fwd_warps": 8},
+)
+
+
+def bench_scan_cuda(batch_size: int = 256, d_inner: int = 1536, tokens: int = 50, d_state: int = 16,
+                    steps: int = 20, candidates: tuple[dict, ...] = SCAN_CANDIDATES) -> dict:
+    """The selective scan alone on the GPU at one De-focus Mamba-B/32 layer's shapes (224 px: 50 tokens), inputs
+    as under autocast (u bf16, the rest float32): median forward and backward milliseconds and peak memory of the
+    pure-PyTorch scan and of the Triton kernel with each tile configuration in `candidates`."""
+    import dataclasses
+
+    import torch
+
+    from ..errors import ConfigError
+    from ..layers import scan_triton
+    from ..layers.scan import selective_scan
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda --scan: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (batch_size, d_inner, tokens)
+    u = torch.randn(shape, device=dev, generator=g).bfloat16().requires_grad_()
+    delta = (torch.rand(shape, device=dev, generator=g) * 0.1).requires_grad_()
+    A = (-torch.rand(d_inner, d_state, device=dev, generator=g) * 16).requires_grad_()
+    B, C = (torch.randn(batch_size, d_state, tokens, device=dev, generator=g).requires_grad_() for _ in range(2))
+    dy = torch.randn(shape, device=dev, generator=g)
+
+    def measure(impl: str) -> dict:
+        fwd, bwd = [], []
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        for i in range(steps + 2):  # 2 warm-up rounds (Triton compiles)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            events[0].record()
+            y = selective_scan(u, delta, A, B, C, impl=impl)
+            events[1].record()
+            torch.autograd.grad(y, (u, delta, A, B, C), dy)
+            events[2].record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                fwd.append(events[0].elapsed_time(events[1]))
+                bwd.append(events[1].elapsed_time(events[2]))
+            del y
+        return {"fwd_ms": round(statistics.median(fwd), 3), "bwd_ms": round(statistics.median(bwd), 3),
+                "peak_mb": round((torch.cuda.max_memory_allocated() - before) / 2**20)}
+
+    rows = {"torch": measure("torch")}
+    default = scan_triton.CONFIG
+    try:
+        for overrides in candidates:
+            scan_triton.CONFIG = dataclasses.replace(default, **overrides)
+            name = "triton " + (",".join(f"{k}={v}" for k, v in overrides.items()) or "(default)")
+            try:
+                rows[name] = measure("triton")
+            except Exception as e:  # a configuration that does not build or fit: recorded, the others go on
+                rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        scan_triton.CONFIG = default
+    return {"device": cuda_machine_info(), "shape": {"batch": batch_size, "d_inner": d_inner, "tokens": tokens,
+            "d_state": d_state}, "steps": steps, "default": dataclasses.asdict(default), "rows": rows}
+
+
+def format_scan_cuda(result: dict) -> str:
+    d, s = result["device"], result["shape"]
+    lines = [f"selective scan on {d['gpu']}, torch {d['torch']}, triton {d['triton']}: (Bt, D, L, N) = "
+             f"({s['batch']}, {s['d_inner']}, {s['tokens']}, {s['d_state']}), u bf16, median of {result['steps']}; "
+             f"default config {result['default']}",
+             f"  {'implementation':<48} {'fwd ms':>8} {'bwd ms':>8} {'peak MiB':>9}"]
+    for name, r in result["rows"].items():
+        if "error" in r:
+            lines.append(f"  {name:<48} {r['error']}")
+            continue
+        lines.append(f"  {name:<48} {r['fwd_ms']:8.3f} {r['bwd_ms']:8.3f} {r['peak_mb']:9d}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m defocus_clip.bench.towers", description=__doc__.split("\n")[0])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
@@ -339,13 +555,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-source", default=None, metavar="CPP",
                    help="--layer / --interleaved: also time De-focus Mamba with the kernel built from this C++ source")
     p.add_argument("--models", nargs="+", default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: all --models on the GPU in this process, bf16 autocast (default batch 256)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="--device cuda: also write the result")
+    p.add_argument("--scan", action="store_true", help="--device cuda: the selective scan alone, per implementation")
+    p.add_argument("--scans", nargs="+", default=list(CUDA_SCANS), choices=("torch", "triton", "cuda"),
+                   help="--device cuda: the scan implementations to measure De-focus Mamba towers with")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        if a.profile:
+            print(profile_tower(a.profile, a.batch_size or 256, a.image_size, a.steps, device="cuda"))
+            return 0
+        if a.scan:
+            result = bench_scan_cuda(a.batch_size or 256, steps=max(a.steps, 1))
+            print(format_scan_cuda(result))
+        else:
+            result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup, tuple(a.scans))
+            print(format_cuda(result))
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=2))
+        return 0
+    a.batch_size = a.batch_size or 32
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
     elif a.interleaved:

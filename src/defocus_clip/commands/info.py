@@ -10,7 +10,7 @@ HELP = "print versions, registered model names and the active scan implementatio
 
 _PACKAGES = (
     "torch", "torchvision", "open_clip_torch", "timm", "webdataset", "deepspeed", "transformers", "clip-benchmark",
-    "numpy", "mamba-ssm", "causal-conv1d",
+    "numpy", "triton", "mamba-ssm", "causal-conv1d",
 )
 
 
@@ -22,7 +22,7 @@ def collect() -> dict:
     import torch
 
     import defocus_clip
-    from defocus_clip.layers.scan import ENV_VAR, resolve_scan_impl
+    from defocus_clip.layers.scan import ENV_VAR, SCAN_IMPLS, resolve_scan_impl
 
     versions = {}
     for name in _PACKAGES:
@@ -39,6 +39,7 @@ def collect() -> dict:
         "cuda_devices": torch.cuda.device_count(),
         "scan_impl": scan,
         "scan_impl_env": ENV_VAR,
+        "scan_impls": list(SCAN_IMPLS),
         "clip_models": defocus_clip.list_clip_models(),
         "timm_towers": defocus_clip.list_towers(),
     }
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:16s} {v or '-'}")
     print(f"CUDA devices: {info['cuda_devices']}")
     print("scan implementation: " + ", ".join(f"{k}={v}" for k, v in info["scan_impl"].items())
-          + f"  (override with {info['scan_impl_env']}=auto|ref|torch|cpp|cuda)")
+          + f"  (override with {info['scan_impl_env']}={'|'.join(info['scan_impls'])})")
     print("OpenCLIP models: " + ", ".join(info["clip_models"]))
     print("timm towers: " + ", ".join(info["timm_towers"]))
     return 0

@@ -1,20 +1,24 @@
 """Selective scan of Mamba (paper Eq. 2, 5): h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t . h_t.
 
-Four implementations behind one function, `selective_scan`, with the signature of `mamba_ssm`'s
+Five implementations behind one function, `selective_scan`, with the signature of `mamba_ssm`'s
 `selective_scan_fn` restricted to what De-focus Mamba uses (no D, no z, no delta bias or softplus):
 
     u, delta: (Bt, D, L)    A: (D, N)    B, C: (Bt, N, L)    ->    y: (Bt, D, L), float32
 
 - `"ref"`: `selective_scan_ref`, the token-by-token recurrence; a correctness reference, not for training.
 - `"torch"`: pure PyTorch, parallel over the sequence (Hillis-Steele scan, log2(L) steps) inside a custom
-  autograd function whose backward recomputes the states instead of storing Bt*D*L*N tensors per layer.
+  autograd function whose backward recomputes the states instead of storing Bt*D*L*N tensors per layer; it still
+  materialises several such tensors transiently, so on a GPU it is the slow, memory-hungry fallback.
 - `"cpp"`: a fused CPU kernel (`scan_cpu.py`), built on first use when a compiler is present; the De-focus Mamba
   mixer uses its sibling that also fuses softplus, group norm, D skip and gate (`scan_cpu.defocus_chain_cpp`).
+- `"triton"`: a fused Triton kernel for CUDA (`scan_triton.py`): states in registers, float32 math, a backward
+  that recomputes the states per chunk of tokens. CPU tensors only under Triton's interpreter (tests).
 - `"cuda"`: `mamba_ssm.selective_scan_fn` when importable and the inputs are on CUDA.
 
-`impl=None` picks automatically (cuda for CUDA tensors, cpp for float32 CPU tensors, else torch); the env var
-`DEFOCUS_SCAN_IMPL` (auto|ref|torch|cpp|cuda) overrides it; an unknown name is a `ConfigError`, a named
-implementation that cannot run here a `ScanUnavailableError`.
+`impl=None` picks automatically (for CUDA tensors: cuda if mamba_ssm imports, else triton if triton imports; cpp
+for float32 CPU tensors; else torch; float64 stays on torch); the env var `DEFOCUS_SCAN_IMPL`
+(auto|ref|torch|cpp|triton|cuda) overrides it; an unknown name is a `ConfigError`, a named implementation that
+cannot run here a `ScanUnavailableError`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ..errors import ConfigError, DefocusError
 
 _logger = logging.getLogger(__name__)
 
-SCAN_IMPLS = ("auto", "ref", "torch", "cpp", "cuda")
+SCAN_IMPLS = ("auto", "ref", "torch", "cpp", "triton", "cuda")
 ENV_VAR = "DEFOCUS_SCAN_IMPL"
 
 
@@ -79,15 +83,24 @@ def _scan_states(u, delta, A, B):
 
 
 class _TorchScan(torch.autograd.Function):
+    """Autocast is switched off inside (forward and backward): the einsums would otherwise run in bf16."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        _, _, h = _scan_states(u, delta, A, B)
+        with torch.autocast(u.device.type, enabled=False):
+            _, _, h = _scan_states(u, delta, A, B)
+            y = torch.einsum("bdln,bnl->bdl", h, C)
         ctx.save_for_backward(u, delta, A, B, C)
-        return torch.einsum("bdln,bnl->bdl", h, C)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C = ctx.saved_tensors
+        with torch.autocast(u.device.type, enabled=False):
+            return _TorchScan._grads(u, delta, A, B, C, dy.to(u.dtype))
+
+    @staticmethod
+    def _grads(u, delta, A, B, C, dy):
         a, _, h = _scan_states(u, delta, A, B)
         dC = torch.einsum("bdl,bdln->bnl", dy, h)
         # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, a reversed linear scan
@@ -125,12 +138,27 @@ def _cpp_available() -> bool:
     return scan_cpu.available()
 
 
+@functools.cache
+def _triton_module():
+    try:
+        from . import scan_triton
+    except ImportError:  # no triton
+        return None
+    return scan_triton
+
+
+def _triton_available(device: torch.device) -> bool:
+    mod = _triton_module()
+    return mod is not None and mod.runs_on(device)
+
+
 def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Which implementation `selective_scan` runs for tensors on `device` (the selection logic lives here only).
 
-    `impl` (argument) wins over `DEFOCUS_SCAN_IMPL` (environment), which wins over "auto". Auto picks the CUDA
-    kernel for CUDA tensors, the fused C++ kernel for float32/bf16 CPU tensors, and the pure-PyTorch scan
-    otherwise (float64 stays on the pure-PyTorch path, as reference checks expect).
+    `impl` (argument) wins over `DEFOCUS_SCAN_IMPL` (environment), which wins over "auto". Auto picks, for CUDA
+    tensors, mamba_ssm's kernel when it imports, else the Triton kernel when triton imports; the fused C++ kernel
+    for float32/bf16 CPU tensors; and the pure-PyTorch scan otherwise (float64 stays on the pure-PyTorch path, as
+    reference checks expect). Auto never picks Triton's interpreter for CPU tensors (it is for tests).
     """
     source = "argument impl" if impl else f"environment variable {ENV_VAR}"
     impl = (impl or os.environ.get(ENV_VAR, "") or "auto").strip().lower()
@@ -140,6 +168,8 @@ def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype
     if impl == "auto":
         if device.type == "cuda" and _mamba_ssm_fn() is not None:
             return "cuda"
+        if device.type == "cuda" and dtype != torch.float64 and _triton_available(device):
+            return "triton"
         if device.type == "cpu" and dtype != torch.float64 and _cpp_available():
             return "cpp"
         return "torch"
@@ -151,6 +181,11 @@ def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype
         raise ScanUnavailableError(
             f"scan implementation 'cpp' (from {source}) needs CPU inputs and a C++ compiler to build the fused kernel "
             "(see the warning logged by defocus_clip.layers.scan_cpu); use 'torch' instead"
+        )
+    if impl == "triton" and not _triton_available(device):
+        raise ScanUnavailableError(
+            f"scan implementation 'triton' (from {source}) needs triton installed and CUDA inputs (CPU inputs only "
+            "under Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported); use 'torch' instead"
         )
     return impl
 
@@ -167,6 +202,8 @@ def selective_scan(
     which = resolve_scan_impl(u.device, impl, A.dtype)
     if which == "cuda":
         return _mamba_ssm_fn()(u, delta, A, B, C, delta_softplus=False).float()
+    if which == "triton":  # reads any float dtype and strides in place, float32 math
+        return _triton_module().selective_scan_triton(u, delta, A, B, C)
     if which == "cpp":  # float32 kernel
         from .scan_cpu import selective_scan_cpp
 

@@ -1,0 +1,247 @@
+"""Fused selective scan in Triton for CUDA: `selective_scan_triton(u, delta, A, B, C)`, the semantics of
+`scan.selective_scan` (u, delta (Bt, D, L); A (D, N); B, C (Bt, N, L) -> y (Bt, D, L) float32).
+
+Why: without `mamba_ssm` (a CUDA build that cannot be installed everywhere) a GPU would run the pure-PyTorch scan,
+which materialises several (Bt, D, L, N) float32 tensors per layer (1.3 GB each for B/32 at batch 256) and makes
+dozens of passes over them. Here nothing of that size is ever stored:
+
+- Forward: one program per (image, block of channels) keeps the (channels x N) states in registers and walks the L
+  tokens one at a time, float32 math whatever the input dtype (bf16 under autocast). For the backward it also
+  writes the states at the start of every chunk of `chunk` tokens but the first: Bt*D*N*(ceil(L/chunk) - 1)
+  floats (224 px at patch 32, L = 50, chunk 32: one state per image, channel and state index, 1/50 of them all).
+- Backward: per (image, block of channels), the chunks in reverse order; per chunk and state index, the chunk's
+  states are recomputed from its saved start by a parallel scan over its tokens (`tl.associative_scan`) and the
+  adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, both in registers; the adjoint carried from one chunk
+  to the previous stays in registers too. dB, dC (sums over channels) and dA (a sum over images) are written as
+  per-block partial sums (Bt x D/block x N x L floats) that torch reduces: deterministic, no atomics.
+
+With a_t = exp(delta_t A), b_t = delta_t u_t B_t, h_t = a_t h_{t-1} + b_t, y_t = <C_t, h_t>, the backward uses
+a_t h_{t-1} = h_t - b_t, so no token-shifted tile is needed:
+du_t = delta_t sum_n g_t B_t; ddelta_t = u_t sum_n g_t B_t + sum_n A g_t (h_t - b_t);
+dA = sum_{images, t} delta_t g_t (h_t - b_t); dB_t = sum_d g_t delta_t u_t; dC_t = sum_d dy_t h_t.
+
+On CPU tensors the kernels run only under Triton's interpreter, i.e. when TRITON_INTERPRET=1 was set before
+triton was imported (the test suite does so on machines without a GPU): slow, for tests only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TritonScanConfig:
+    """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program; the backward holds
+    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels. Chosen with
+    `python -m defocus_clip.bench.towers --device cuda --scan` on an H200 (docs/benchmarks.md, GPU section): at
+    (Bt, D, L, N) = (256, 1536, 50, 16) the backward takes 3.8 ms with 32-token chunks, 5.7 ms with 64; 16-token
+    chunks took 2.8 ms there but were not tried in the tower and save three chunk-start states per channel at L = 50
+    where 32-token chunks save one."""
+
+    fwd_block_d: int = 32  # channels per forward program
+    fwd_warps: int = 4
+    chunk: int = 32  # tokens per backward chunk (and the forward's checkpoint interval); a power of two
+    bwd_tile: int = 512  # channels x tokens of one backward tile
+    bwd_warps: int = 4
+
+
+CONFIG = TritonScanConfig()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, ckpt_ptr,
+    D, L, N,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sA_d, sA_n, sB_b, sB_n, sB_t, sC_b, sC_n, sC_t,
+    sck_b, sck_d, sck_c,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STORE_CKPT: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    d_ok, n_ok = d < D, n < N
+    dn_ok = d_ok[:, None] & n_ok[None, :]
+    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=dn_ok, other=0.0).to(tl.float32)
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # padded channels / states: A = 0, B = 0 -> h stays 0
+    ckpt = ckpt_ptr + b * sck_b + d[:, None] * sck_d + n[None, :]
+    for t in range(0, L):
+        if STORE_CKPT:  # the state before the first token of each chunk but the first
+            tl.store(ckpt + (t // CHUNK - 1) * sck_c, h, mask=dn_ok & (t % CHUNK == 0) & (t > 0))
+        uu = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=d_ok, other=0.0).to(tl.float32)
+        dl = tl.load(delta_ptr + b * sdl_b + d * sdl_d + t * sdl_t, mask=d_ok, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + b * sB_b + n * sB_n + t * sB_t, mask=n_ok, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + b * sC_b + n * sC_n + t * sC_t, mask=n_ok, other=0.0).to(tl.float32)
+        h = tl.exp(dl[:, None] * A) * h + (dl * uu)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        tl.store(y_ptr + b * D * L + d * L + t, y, mask=d_ok)
+
+
+@triton.jit
+def _affine_combine(a_l, h_l, a_r, h_r):
+    """(a, h) of an earlier then a later run of h_t = a_t h_{t-1} + b_t: the run from both."""
+    return a_l * a_r, a_r * h_l + h_r
+
+
+@triton.jit
+def _adjoint_combine(v_l, q_l, f_l, v_r, q_r, f_r):
+    """Reverse scan of g_t = beta_t + a_{t+1} g_{t+1}. A run of tokens is (v: its first g with nothing flowing in
+    from after it, q: the product of its a's but the first, f: its first a); `_l` is the later run, `_r` the
+    earlier one, as `tl.associative_scan(..., reverse=True)` passes them."""
+    return v_r + q_r * f_l * v_l, q_r * f_l * q_l, f_r
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, ckpt_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
+    D, L, N, NUM_DBLK,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sA_d, sA_n, sB_b, sB_n, sB_t, sC_b, sC_n, sC_t, sdy_b, sdy_d, sdy_t,
+    sck_b, sck_d, sck_c,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    n_idx = tl.arange(0, BLOCK_N)
+    tt = tl.arange(0, CHUNK)
+    carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} g_{t+1} flowing into a chunk's last token
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    part = (b * NUM_DBLK + blk) * N * L  # this program's slice of the dB / dC partial sums
+    n_chunks = tl.cdiv(L, CHUNK)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        t = c * CHUNK + tt
+        t_ok = t < L
+        m = d_ok[:, None] & t_ok[None, :]
+        uu = tl.load(u_ptr + b * su_b + d[:, None] * su_d + t[None, :] * su_t, mask=m, other=0.0).to(tl.float32)
+        dl = tl.load(delta_ptr + b * sdl_b + d[:, None] * sdl_d + t[None, :] * sdl_t, mask=m, other=0.0)
+        dl = dl.to(tl.float32)  # padded tokens: delta = 0 -> a = 1, b = 0: they change nothing
+        dy = tl.load(dy_ptr + b * sdy_b + d[:, None] * sdy_d + t[None, :] * sdy_t, mask=m, other=0.0)
+        dy = dy.to(tl.float32)
+        x = dl * uu
+        gB_acc = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n g B
+        gA_acc = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n A g (h - b)
+        new_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for k in range(0, N):
+            sel = n_idx[None, :] == k
+            A_k = tl.load(A_ptr + d * sA_d + k * sA_n, mask=d_ok, other=0.0).to(tl.float32)
+            B_k = tl.load(B_ptr + b * sB_b + k * sB_n + t * sB_t, mask=t_ok, other=0.0).to(tl.float32)
+            C_k = tl.load(C_ptr + b * sC_b + k * sC_n + t * sC_t, mask=t_ok, other=0.0).to(tl.float32)
+            h0 = tl.load(ckpt_ptr + b * sck_b + d * sck_d + (c - 1) * sck_c + k, mask=d_ok & (c > 0), other=0.0)
+            a = tl.exp(dl * A_k[:, None])
+            bb = x * B_k[None, :]
+            p, h = tl.associative_scan((a, bb), 1, _affine_combine)
+            h = h + p * h0[:, None]  # the states of this chunk
+            v, q, _ = tl.associative_scan((dy * C_k[None, :], tl.full(a.shape, 1.0, tl.float32), a), 1,
+                                          _adjoint_combine, reverse=True)
+            g = v + q * tl.sum(tl.where(sel, carry, 0.0), axis=1)[:, None]  # d loss / d h_t
+            gB_acc += g * B_k[None, :]
+            dlog = g * (h - bb)  # g_t a_t h_{t-1}: d loss / d (delta_t A)
+            gA_acc += dlog * A_k[:, None]
+            dA_acc += tl.where(sel, tl.sum(dlog * dl, axis=1)[:, None], 0.0)
+            tl.store(dB_ptr + part + k * L + t, tl.sum(g * x, axis=0), mask=t_ok)
+            tl.store(dC_ptr + part + k * L + t, tl.sum(dy * h, axis=0), mask=t_ok)
+            first = tl.sum(tl.where(tt[None, :] == 0, a * g, 0.0), axis=1)  # a_t g_t at the chunk's first token
+            new_carry = tl.where(sel, first[:, None], new_carry)
+        carry = new_carry
+        out = b * D * L + d[:, None] * L + t[None, :]
+        tl.store(du_ptr + out, gB_acc * dl, mask=m)
+        tl.store(ddelta_ptr + out, gB_acc * uu + gA_acc, mask=m)
+    tl.store(dA_ptr + b * D * N + d[:, None] * N + n_idx[None, :], dA_acc, mask=d_ok[:, None] & (n_idx[None, :] < N))
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    return type(_scan_fwd_kernel).__name__ == "InterpretedFunction"  # what @triton.jit returns then
+
+
+def runs_on(device: torch.device) -> bool:
+    """CUDA tensors always; CPU tensors only under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreted())
+
+
+def _chunk(length: int) -> int:
+    return min(CONFIG.chunk, max(_next_pow2(length), 2))
+
+
+def _checkpoint_buffer(bt: int, d: int, length: int, n: int, device) -> torch.Tensor | None:
+    """(Bt, D, chunks - 1, N) float32 for the chunk-start states; None when L fits one chunk."""
+    k = -(-length // _chunk(length)) - 1
+    return torch.empty((bt, d, k, n), device=device, dtype=torch.float32) if k > 0 else None
+
+
+def _checkpoint_strides(ckpt: torch.Tensor | None) -> tuple[int, int, int]:
+    return ckpt.stride()[:3] if ckpt is not None else (0, 0, 0)
+
+
+def _check(u, delta, A, B, C) -> None:
+    bt, d, length = u.shape
+    n = A.shape[1]
+    if delta.shape != u.shape or A.shape != (d, n) or B.shape != (bt, n, length) or C.shape != (bt, n, length):
+        raise ValueError(
+            f"selective_scan_triton: expected u, delta (Bt, D, L), A (D, N), B, C (Bt, N, L); got u {tuple(u.shape)}, "
+            f"delta {tuple(delta.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
+        )
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        bt, d, length = u.shape
+        n = A.shape[1]
+        need_grad = any(ctx.needs_input_grad)
+        y = torch.empty((bt, d, length), device=u.device, dtype=torch.float32)
+        ckpt = _checkpoint_buffer(bt, d, length, n, u.device) if need_grad else None
+        block_d = min(CONFIG.fwd_block_d, _next_pow2(d))
+        if length:
+            _scan_fwd_kernel[(bt, triton.cdiv(d, block_d))](
+                u, delta, A, B, C, y, y if ckpt is None else ckpt, d, length, n,  # y: a pointer never written
+                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_checkpoint_strides(ckpt),
+                BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=_chunk(length), STORE_CKPT=ckpt is not None,
+                num_warps=CONFIG.fwd_warps,
+            )
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, ckpt)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, ckpt = ctx.saved_tensors
+        bt, d, length = u.shape
+        n = A.shape[1]
+        chunk = _chunk(length)
+        block_d = min(max(CONFIG.bwd_tile // chunk, 1), _next_pow2(d))
+        nblk = triton.cdiv(d, block_d)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        du, ddelta = torch.empty((bt, d, length), **f32), torch.empty((bt, d, length), **f32)
+        dA = torch.empty((bt, d, n), **f32)
+        dB, dC = torch.empty((bt, nblk, n, length), **f32), torch.empty((bt, nblk, n, length), **f32)
+        if length:
+            _scan_bwd_kernel[(bt, nblk)](
+                u, delta, A, B, C, dy, du if ckpt is None else ckpt, du, ddelta, dA, dB, dC, d, length, n, nblk,
+                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
+                *_checkpoint_strides(ckpt),
+                BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=CONFIG.bwd_warps,
+            )
+        else:
+            dA.zero_(), dB.zero_(), dC.zero_()
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
+                dC.sum(1).to(C.dtype))
+
+
+def selective_scan_triton(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
+    """The fused scan (float32 out; inputs of any float dtype and strides, read in place). CUDA tensors, or CPU
+    tensors under Triton's interpreter; `scan.resolve_scan_impl` decides where it may run."""
+    _check(u, delta, A, B, C)
+    return _TritonScan.apply(u, delta, A, B, C)
