@@ -146,10 +146,10 @@ class _DefocusChainFn(torch.autograd.Function):
     def backward(ctx, dout):
         u, dt, A, B, C, D, z, f, yraw = ctx.saved_tensors
         group_size, delta_scale, rope_scale = ctx.args
-        *grads, dfreq = _module().defocus_bwd(
-            u, dt, A, B, C, D, z, yraw, dout.contiguous(), group_size, delta_scale, f, rope_scale
-        )
-        return (*grads, dfreq if ctx.has_freq else None, None, None, None)
+        grads = _module().defocus_bwd(u, dt, A, B, C, D, z, yraw, dout.contiguous(), group_size, delta_scale, f,
+                                      rope_scale)
+        # du, ddt, dA, dB, dC, dD, dz, then (this kernel's) the column sums of ddt, and dfreq last
+        return (*grads[:7], grads[-1] if ctx.has_freq else None, None, None, None)
 
 
 def defocus_chain_cpp(
@@ -173,6 +173,84 @@ def defocus_chain_cpp(
     Returns (Bt, L, D); gradients for every tensor input.
     """
     return _DefocusChainFn.apply(u, dt, A, B, C, D, z, freq, int(group_size), float(delta_scale), float(rope_scale))
+
+
+class _MixerCoreFn(torch.autograd.Function):
+    """The middle of a De-focus Mamba mixer as one autograd node: causal conv + SiLU, x_proj, dt_proj and the fused
+    chain. Why one node: its backward writes the gradients of the u and z halves of the in_proj output straight into
+    one (Bt, L, 2D) buffer and adds x_proj's gradient of u into the chain's in place (`addmm_`), where a node per op
+    costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients of u per layer. It
+    also takes dt_proj's bias gradient from the kernel (summed while ddt is written) instead of another pass."""
+
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, freq, group_size, delta_scale,
+                rope_scale):
+        mod = _module()
+        d, r = xz.shape[-1] // 2, dtproj_w.shape[1]
+        n = (xproj_w.shape[0] - r) // 2
+        u = mod.conv_fwd(xz[..., :d], conv_w, conv_b)[0]  # (Bt, L, D) contiguous
+        xdbl = torch.matmul(u, xproj_w.t())  # (Bt, L, R + 2N): dt (low rank), B, C
+        dt = torch.addmm(dtproj_b, xdbl.view(-1, xdbl.shape[-1])[:, :r], dtproj_w.t()).view(u.shape)
+        f = freq if freq is not None else u.new_empty(0)
+        out, yraw = mod.defocus_fwd(u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], group_size,
+                                    delta_scale, f, rope_scale)
+        ctx.save_for_backward(xz, conv_w, conv_b, xproj_w, dtproj_w, A, Dskip, f, u, xdbl, dt, yraw)
+        ctx.args = (group_size, delta_scale, rope_scale)
+        ctx.has_freq = freq is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        mod = _module()
+        xz, conv_w, conv_b, xproj_w, dtproj_w, A, Dskip, f, u, xdbl, dt, yraw = ctx.saved_tensors
+        group_size, delta_scale, rope_scale = ctx.args
+        d, r = xz.shape[-1] // 2, dtproj_w.shape[1]
+        n = (xproj_w.shape[0] - r) // 2
+        dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        du, ddt, dA, dB, dC, dD, _, ddt_sum, dfreq = mod.defocus_bwd(
+            u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], yraw, dout.contiguous(), group_size,
+            delta_scale, f, rope_scale, dz=dxz[..., d:],
+        )
+        ddt2, xdbl2, du2 = ddt.view(-1, d), xdbl.view(-1, xdbl.shape[-1]), du.view(-1, d)
+        dxdbl = torch.empty_like(xdbl2)
+        dxdbl[:, :r] = ddt2 @ dtproj_w  # (Bt L, R): small next to the (Bt, L, D) tensors
+        dxdbl[:, r:r + n] = dB.view(-1, n)
+        dxdbl[:, r + n:] = dC.view(-1, n)
+        d_dtproj_w = ddt2.t() @ xdbl2[:, :r]
+        d_xproj_w = dxdbl.t() @ u.view(-1, d)
+        du2.addmm_(dxdbl, xproj_w)  # the chain's du + x_proj's, in place
+        _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])
+        return (dxz, dconv_w, dconv_b, d_xproj_w, d_dtproj_w, ddt_sum, dA, dD, dfreq if ctx.has_freq else None,
+                None, None, None)
+
+
+def mixer_core_available() -> bool:
+    """Whether the loaded kernel has the entry points of `mixer_core_cpp` (builds of older sources, swapped in by the
+    benchmarks' --compare-source, do not)."""
+    mod = _module()
+    return mod is not None and getattr(mod, "KERNEL_VERSION", 1) >= 2
+
+
+def mixer_core_cpp(
+    xz: torch.Tensor,
+    conv_w: torch.Tensor,
+    conv_b: torch.Tensor,
+    xproj_w: torch.Tensor,
+    dtproj_w: torch.Tensor,
+    dtproj_b: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    freq: torch.Tensor | None,
+    group_size: int,
+    delta_scale: float,
+    rope_scale: float = 1.0,
+) -> torch.Tensor:
+    """in_proj output xz (Bt, L, 2D) -> out_proj input (Bt, L, D), all float32 CPU tensors:
+    u = causal_conv_silu(xz[..., :D]); (dt, B, C) = split(u @ xproj_w^T); dt = dt @ dtproj_w^T + dtproj_b;
+    `defocus_chain_cpp(u, dt, A, B, C, D, xz[..., D:], group_size, delta_scale, freq, rope_scale)`.
+    Weights as the modules hold them (conv_w (D, K), xproj_w (R + 2N, D), dtproj_w (D, R)); gradients for all."""
+    return _MixerCoreFn.apply(xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, D, freq, int(group_size),
+                              float(delta_scale), float(rope_scale))
 
 
 class _RMSNormFn(torch.autograd.Function):

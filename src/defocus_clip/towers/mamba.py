@@ -19,7 +19,13 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..layers.rope import apply_rope, rope_angles
 from ..layers.scan import resolve_scan_impl, selective_scan
-from ..layers.scan_cpu import causal_conv_silu_cpp, defocus_chain_cpp, rms_norm_cpp
+from ..layers.scan_cpu import (
+    causal_conv_silu_cpp,
+    defocus_chain_cpp,
+    mixer_core_available,
+    mixer_core_cpp,
+    rms_norm_cpp,
+)
 from .base import TokenTower, reject_unknown_kwargs
 
 
@@ -124,14 +130,23 @@ class DefocusMambaMixer(nn.Module):
         conv + SiLU reads the u half of the in_proj output in place; softplus, scan, group norm, D skip and gate are
         one pass (with the RoPE of B and C). Same parameters, same function (tests/towers/test_reference.py checks both
         against float64)."""
-        u, z = self.in_proj(x).float().chunk(2, dim=-1)  # (B, L, D) views, rows of stride 2D
+        xz = self.in_proj(x).float()  # (B, L, 2D): u and z halves
         w = self.conv1d.weight.float().flatten(1)  # (D, K)
+        freq = self.freq.float() if self.freq is not None else None  # RoPE of B and C happens inside the kernel
+        A = -torch.exp(self.A_log.float())
+        projections = (self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias)
+        if mixer_core_available() and not torch.is_autocast_enabled("cpu") and all(
+            p.dtype == torch.float32 for p in projections
+        ):  # one autograd node from the in_proj output to the out_proj input (see mixer_core_cpp)
+            y = mixer_core_cpp(xz, w, self.conv1d.bias.float(), *projections, A, self.D.float(), freq,
+                               self.group_norm_size, self.delta_scale_factor, self.rope_scale_factor)
+            return self.out_proj(y.to(self.out_proj.weight.dtype))
+        u, z = xz.chunk(2, dim=-1)  # (B, L, D) views, rows of stride 2D
         u = causal_conv_silu_cpp(u, w, self.conv1d.bias.float())  # (B, L, D) contiguous
         dt, B, C = self.x_proj(u.to(self.x_proj.weight.dtype)).split([self.dt_rank, self.d_state, self.d_state], -1)
         dt = self.dt_proj(dt)  # (B, L, D), before softplus
-        freq = self.freq.float() if self.freq is not None else None  # RoPE of B and C happens inside the kernel
         y = defocus_chain_cpp(
-            u, dt.float().contiguous(), -torch.exp(self.A_log.float()), B.float(), C.float(), self.D.float(), z,
+            u, dt.float().contiguous(), A, B.float(), C.float(), self.D.float(), z,
             self.group_norm_size, self.delta_scale_factor, freq, self.rope_scale_factor,
         )
         return self.out_proj(y.to(self.out_proj.weight.dtype))

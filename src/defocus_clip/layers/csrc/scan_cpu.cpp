@@ -426,14 +426,26 @@ std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Ten
   return {out};
 }
 
-std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout) {
+// An output the caller may provide as a view into a wider buffer (float32, (Bt, L, D), unit inner stride), e.g. one
+// half of the gradient of the in_proj output; else a new contiguous tensor.
+torch::Tensor output_like(const c10::optional<torch::Tensor>& given, const torch::Tensor& like, const char* name) {
+  if (!given.has_value()) return torch::empty(like.sizes(), like.options().memory_format(c10::MemoryFormat::Contiguous));
+  const torch::Tensor& t = *given;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.sizes() == like.sizes() && t.stride(2) == 1,
+              name, " must be a float32 CPU tensor of the input's shape with unit inner stride");
+  return t;
+}
+
+std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout,
+                                    c10::optional<torch::Tensor> dx_out) {
   check_conv(x, w, bias);
   const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
   check(dout, "dout", 3);
   TORCH_CHECK(dout.sizes() == x.sizes(), "conv dout must be (Bt, L, D) like x");
   const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
   auto wt = w.t().contiguous();
-  auto dx = torch::empty({Bt, L, D}, x.options());
+  auto dx = output_like(dx_out, x, "conv dx");
+  const int64_t dxb = dx.stride(0), dxl = dx.stride(1);
   auto dwt = torch::zeros({K, D}, x.options());
   auto db = torch::zeros({D}, x.options());
   const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
@@ -472,7 +484,7 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
               const int64_t t = j + (K - 1) - k;
               if (t < L) acc += ld<T>(pw + k * D + c) * ld<T>(g + t * kCB + c);
             }
-            st(pdx + (b * L + j) * D + c, acc);
+            st(pdx + b * dxb + j * dxl + c, acc);
           });
       }
   });
@@ -712,22 +724,22 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
 template <int NC>
 std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
-                                            torch::Tensor dout, int64_t G, double delta_scale) {
+                                            torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor dz) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
   const Blocks blk = chain_blocks(Bt, L, D, G);
   const int64_t W = blk.padded;
   auto du = torch::empty({Bt, L, D}, u.options());
   auto ddt = torch::empty({Bt, L, D}, u.options());
-  auto dz = torch::empty({Bt, L, D}, u.options());
   auto dA = torch::zeros_like(A), dB = torch::zeros_like(Bl), dC = torch::zeros_like(Cl);
-  auto dD = torch::zeros_like(Dskip);
+  auto dD = torch::zeros_like(Dskip), ddt_sum = torch::zeros_like(Dskip);  // ddt summed over images and tokens
+  const int64_t dzsb = dz.stride(0), dzs = dz.stride(1);
   const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float *pz = z.data_ptr<float>(), *py = yraw.data_ptr<float>(), *pdo = dout.data_ptr<float>();
   const int64_t zsb = z.stride(0), zs = z.stride(1);
   float *pdu = du.data_ptr<float>(), *pddt = ddt.data_ptr<float>(), *pdz = dz.data_ptr<float>();
   float *pdA = dA.data_ptr<float>(), *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
-  float* pdD = dD.data_ptr<float>();
+  float *pdD = dD.data_ptr<float>(), *pds = ddt_sum.data_ptr<float>();
   const float inv_scale = 1.f / (float)delta_scale;
   std::mutex mu;
   at::parallel_for(0, Bt * blk.count, 1, [&](int64_t begin, int64_t end) {
@@ -737,7 +749,8 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
     std::vector<float> ub(L * W), dlb(L * W), dyb(L * W), sgb(L * W), dsk(L * W);
     std::vector<float> hs((L + 1) * N * kW), as(L * N * kW), av(N * kW), dAv(N * kW), dBv(L * N * kW, 0.f),
         dCv(L * N * kW, 0.f);
-    std::vector<float> lA(D * N, 0.f), lD(D, 0.f), lB((b1 - b0 + 1) * L * N, 0.f), lC((b1 - b0 + 1) * L * N, 0.f);
+    std::vector<float> lA(D * N, 0.f), lD(D, 0.f), ls(D, 0.f), lB((b1 - b0 + 1) * L * N, 0.f),
+        lC((b1 - b0 + 1) * L * N, 0.f);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;
@@ -745,7 +758,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (b * L + t) * D, o = t * W - c0;
         const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * zsb + t * zs;
-        float *dzt = pdz + row, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
+        float *dzt = pdz + b * dzsb + t * dzs, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
         float *ubt = ub.data() + o, *dlt = dlb.data() + o, *dyt = dyb.data() + o;
         if (t + 2 < L)
           for (const float* p : {yt, ut, dtt, dot_}) prefetch(p + 2 * D + c0, c1 - c0);
@@ -806,19 +819,24 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
           st(dut + c, ld<T>(dskt + c) + ld<T>(duct + c));
-          st(ddtt + c, ld<T>(ddlt + c) * ld<T>(sgt + c));
+          const T g = ld<T>(ddlt + c) * ld<T>(sgt + c);
+          st(ddtt + c, g);
+          st(ls.data() + c, ld<T>(ls.data() + c) + g);
         });
       }
     }
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t k = 0; k < D * N; ++k) pdA[k] += lA[k];
-    for (int64_t k = 0; k < D; ++k) pdD[k] += lD[k];
+    for (int64_t k = 0; k < D; ++k) {
+      pdD[k] += lD[k];
+      pds[k] += ls[k];
+    }
     for (int64_t k = 0; k < (b1 - b0 + 1) * L * N; ++k) {
       pdB[b0 * L * N + k] += lB[k];
       pdC[b0 * L * N + k] += lC[k];
     }
   });
-  return {du, ddt, dA, dB, dC, dD, dz};
+  return {du, ddt, dA, dB, dC, dD, dz, ddt_sum};
 }
 
 // ---- RMSNorm over the last dim, (R, C) rows: y = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps) ----
@@ -953,33 +971,39 @@ std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch:
 std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bx,
                                        torch::Tensor Cx, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                        torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor freq,
-                                       double rope_scale) {
+                                       double rope_scale, c10::optional<torch::Tensor> dz_out) {
   check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq);
   check(yraw, "yraw", 3);
   check(dout, "dout", 3);
   TORCH_CHECK(yraw.sizes() == u.sizes() && dout.sizes() == u.sizes(), "yraw and dout must be (Bt, L, D) like u");
+  auto dz = output_like(dz_out, u, "dz");
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale);
+  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale, dz);
   std::vector<double> df(A.size(1), 0.0);
   rope_backward(Bx, g[3], cs, sn, rope_scale, df);
   rope_backward(Cx, g[4], cs, sn, rope_scale, df);
   auto dfreq = torch::empty({freq.numel()}, u.options());
   for (int64_t n = 0; n < freq.numel(); ++n) dfreq.data_ptr<float>()[n] = (float)df[n];
   g.push_back(dfreq);
-  return g;  // du, ddt, dA, dB, dC, dD, dz, dfreq (empty without RoPE)
+  return g;  // du, ddt, dA, dB, dC, dD, dz, ddt summed over (Bt, L), dfreq (empty without RoPE)
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("KERNEL_VERSION") = 2;  // 2: conv_bwd / defocus_bwd write into given buffers (layers/scan_cpu.py)
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
-  m.def("conv_bwd", &conv_bwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward");
+  m.def("conv_bwd", &conv_bwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dout"), py::arg("dx") = py::none());
   m.def("defocus_fwd", &defocus_fwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward");
-  m.def("defocus_bwd", &defocus_bwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: backward");
+  m.def("defocus_bwd", &defocus_bwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: backward",
+        py::arg("u"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("yraw"), py::arg("dout"), py::arg("group_size"), py::arg("delta_scale"), py::arg("freq"),
+        py::arg("rope_scale"), py::arg("dz") = py::none());
   m.def("rms_fwd", &rms_fwd, "RMSNorm over the last dim of (R, C): forward, returns (y, rstd)");
   m.def("rms_bwd", &rms_bwd, "RMSNorm over the last dim of (R, C): backward, returns (dx, dweight)");
 }
