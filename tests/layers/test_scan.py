@@ -206,6 +206,33 @@ def test_causal_conv_silu_matches_float64_conv1d(bt, length, d, k):
 
 
 @needs_cpp
+def test_kernels_write_gradients_into_given_halves():
+    """conv_bwd and defocus_bwd can write dx / dz into the halves of one (Bt, L, 2D) buffer (how the mixer's one
+    autograd node avoids a cat); the result equals their own allocations, and a wrong buffer is a clear error."""
+    mod = scan_cpu._module()
+    g = torch.Generator().manual_seed(9)
+    bt, length, d, n = 2, 5, 24, 16
+    xz = torch.randn(bt, length, 2 * d, generator=g)
+    w, b, dout = torch.randn(d, 4, generator=g), torch.randn(d, generator=g), torch.randn(bt, length, d, generator=g)
+    buf = torch.full((bt, length, 2 * d), float("nan"))
+    own = mod.conv_bwd(xz[..., :d], w, b, dout)
+    given = mod.conv_bwd(xz[..., :d], w, b, dout, dx=buf[..., :d])
+    assert given[0].data_ptr() == buf.data_ptr() and torch.equal(buf[..., :d], own[0])
+    u, dt = torch.randn(bt, length, d, generator=g), torch.randn(bt, length, d, generator=g)
+    A, Bc = -torch.rand(d, n, generator=g) - 0.1, torch.randn(bt, length, 2 * n, generator=g)
+    Dk, f = torch.randn(d, generator=g), torch.rand(n, generator=g)
+    _, yraw = mod.defocus_fwd(u, dt, A, Bc[..., :n], Bc[..., n:], Dk, xz[..., d:], 8, 1.0, f, 1.0)
+    args = (u, dt, A, Bc[..., :n], Bc[..., n:], Dk, xz[..., d:], yraw, dout, 8, 1.0, f, 1.0)
+    own, given = mod.defocus_bwd(*args), mod.defocus_bwd(*args, dz=buf[..., d:])
+    assert torch.equal(buf[..., d:], own[6]) and not buf.isnan().any()
+    assert torch.allclose(own[7], own[1].sum((0, 1)), rtol=1e-5, atol=1e-6)  # the column sums of ddt
+    with pytest.raises(RuntimeError, match="conv dx must be a float32 CPU tensor of the input's shape"):
+        mod.conv_bwd(xz[..., :d], w, b, dout, dx=torch.empty(bt, length, d + 1))
+    with pytest.raises(RuntimeError, match="dz must be a float32 CPU tensor"):
+        mod.defocus_bwd(*args, dz=torch.empty(bt, length, d, dtype=torch.float64))
+
+
+@needs_cpp
 def test_causal_conv_is_causal():
     """Changing token s changes no output before s."""
     g = torch.Generator().manual_seed(8)

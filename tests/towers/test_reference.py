@@ -93,6 +93,40 @@ def test_other_scan_paths_match_reference(impl):
             assert rel_err(ours[k], p.grad) < 1e-2, k
 
 
+@pytest.mark.parametrize("case", ["defocus", "plain"])
+def test_cpp_mixer_node_matches_the_op_by_op_composition(case, monkeypatch):
+    """On the fused CPU path the mixer's middle (conv, x_proj, dt_proj, chain) is one autograd node
+    (`scan_cpu.mixer_core_cpp`); under autocast or with bf16 projections the same kernels are composed op by op.
+    Both give the same outputs and gradients, and float32 training takes the one-node path."""
+    if not _available("cpp"):
+        pytest.skip("fused CPU kernel not available here")
+    from defocus_clip.towers import mamba as mamba_mod
+
+    torch.manual_seed(5)
+    model = perturb_(tiny_mamba(scan_impl="cpp", **CASES[case])).train()
+    images = torch.randn(2, 3, 16, 16, requires_grad=True)
+    probe = torch.randn(2, 17, 32)
+    calls = []
+    node = mamba_mod.mixer_core_cpp
+    monkeypatch.setattr(mamba_mod, "mixer_core_cpp", lambda *a: calls.append(1) or node(*a))
+
+    def grads():
+        model.zero_grad()
+        images.grad = None
+        out = model.forward_tokens(images)
+        (out * probe).sum().backward()
+        return {"out": out.detach()} | {k: p.grad.clone() for k, p in model.named_parameters()} | {
+            "images": images.grad.clone()}
+
+    one_node = grads()
+    assert len(calls) == len(model.blocks)
+    monkeypatch.setattr(mamba_mod, "mixer_core_available", lambda: False)
+    op_by_op = grads()
+    assert len(calls) == len(model.blocks)
+    for k in one_node:
+        assert rel_err(one_node[k], op_by_op[k]) < 1e-5, k
+
+
 def test_scan_impls_agree_on_random_inputs():
     """`selective_scan` (torch path) against the reference recurrence, directly at the function level."""
     from .reference_mamba import selective_scan_recurrence
