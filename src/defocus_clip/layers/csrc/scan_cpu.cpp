@@ -114,21 +114,27 @@ template <class V> inline V vexp(V x) {
   return p * (V)bits;
 }
 
-// 2^x for the decays of the chain, x = delta A log2(e) <= 0: cheaper than vexp (no ln2 range reduction, degree-5
-// minimax polynomial of 2^f on [-1/2, 1/2], relative error 2.4e-7 in float32). x below -126 gives 2^-126 (a decay
-// that is zero for every purpose); NaN stays NaN. A is scaled by log2(e) once per channel group (gather_a).
-template <class V> inline V vexp2(V x) {
-  using I = typename IntVec<sizeof(V)>::type;
-  x = vmax_keep_nan(V{} - 126.f, x);
-  const V t = x + 12582912.f;            // 1.5 2^23: k = round(x) sits in the low mantissa bits of t
-  const V f = x - (t - 12582912.f);      // in [-1/2, 1/2]
-  V p = f * 1.3276444e-3f + 9.6755354e-3f;
-  p = p * f + 5.5507135e-2f;
-  p = p * f + 2.4022120e-1f;
-  p = p * f + 6.9314694e-1f;
-  p = p * f + 1.0000001f;
-  const I bits = ((I)t - (0x4B400000 - 127)) << 23;  // 2^k: (k + 127) in the exponent field
-  return p * (V)bits;
+// 2^x in place for G vectors x_j = delta A log2(e) <= 0, the decays of the chain: cheaper than vexp (no ln2 range
+// reduction), and each step of the polynomial runs across the G vectors before the next, so that G independent
+// dependency chains overlap (one exp after another leaves the core waiting on each chain's latency: the forward's
+// scan ran 20% faster with G = 8). x below -126 gives 2^-126 (a decay that is zero for every purpose); NaN stays NaN.
+// A is scaled by log2(e) once per channel group (gather_a).
+template <int G> inline void vexp2_n(vf* x) {
+  using I = typename IntVec<sizeof(vf)>::type;
+  vf t[G], p[G];
+#pragma GCC unroll 16
+  for (int j = 0; j < G; ++j) x[j] = vmax_keep_nan(vf{} - 126.f, x[j]);
+#pragma GCC unroll 16
+  for (int j = 0; j < G; ++j) t[j] = x[j] + 12582912.f;  // 1.5 2^23: k = round(x) sits in the low mantissa bits
+#pragma GCC unroll 16
+  for (int j = 0; j < G; ++j) x[j] -= t[j] - 12582912.f;  // f = x - k in [-1/2, 1/2]
+#pragma GCC unroll 16
+  for (int j = 0; j < G; ++j) p[j] = x[j] * 1.3276444e-3f + 9.6755354e-3f;
+  for (const float c : {5.5507135e-2f, 2.4022120e-1f, 6.9314694e-1f, 1.0000001f})
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j) p[j] = p[j] * x[j] + c;  // 2^f: degree-5 minimax, relative error 2.4e-7
+#pragma GCC unroll 16
+  for (int j = 0; j < G; ++j) x[j] = p[j] * (vf)(((I)t[j] - (0x4B400000 - 127)) << 23);  // 2^k: (k + 127) << 23
 }
 
 // Element-wise maths written once for a float or a vector (T = float or vf): the channel loops of the chain, the conv
@@ -596,14 +602,23 @@ inline void grp_fwd(const float* u, const float* dl, int64_t s, const float* av,
     const vf d = vld<vf>(dl + t * s), du = d * vld<vf>(u + t * s);
     const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
     vf acc[2] = {};  // two sums: half the dependency chain of the y reduction
+    // decays of G states at a time (8 in the forward; the recompute, bound by its stores, gained nothing from it)
+    constexpr int G = !kStore && NC > 0 && NC % 8 == 0 ? 8 : 1;
 #pragma GCC unroll 16  // N = 16 fully unrolled: 25-30% faster than the loop (the compiler schedules across states)
-    for (int n = 0; n < N; ++n) {
-      const vf at = vexp2(vld<vf>(av + kW * n) * d);
-      h[n] = at * h[n] + du * Bt[n];
-      if constexpr (kY) acc[n & 1] += h[n] * Ct[n];
-      if constexpr (kStore) {
-        vst(hs + ((long)(t + 1) * N + n) * kW, h[n]);
-        vst(as + ((long)t * N + n) * kW, at);
+    for (int n0 = 0; n0 < N; n0 += G) {
+      vf at[G];
+#pragma GCC unroll 16
+      for (int j = 0; j < G; ++j) at[j] = vld<vf>(av + kW * (n0 + j)) * d;
+      vexp2_n<G>(at);
+#pragma GCC unroll 16
+      for (int j = 0; j < G; ++j) {
+        const int n = n0 + j;
+        h[n] = at[j] * h[n] + du * Bt[n];
+        if constexpr (kY) acc[n & 1] += h[n] * Ct[n];
+        if constexpr (kStore) {
+          vst(hs + ((long)(t + 1) * N + n) * kW, h[n]);
+          vst(as + ((long)t * N + n) * kW, at[j]);
+        }
       }
     }
     if constexpr (kY) vst(y + t * s, acc[0] + acc[1]);
