@@ -7,12 +7,14 @@ builds by several processes (test workers, DeepSpeed ranks) safe. No compiler, o
 warning and `available() == False`: callers then use the pure-PyTorch scan. `DEFOCUS_SCAN_CPP_BUILD=0` skips
 the build attempt altogether.
 
-Four ops, each an autograd function:
+Five ops, each an autograd function:
 - `selective_scan_cpp(u, delta, A, B, C)`: the plain scan, shapes as `scan.selective_scan`.
 - `causal_conv_silu_cpp(x, weight, bias)`: SiLU(causal depthwise conv1d + bias) along the tokens, in the (Bt, L, D)
   layout of the linears (no transposed copies, no mkldnn conv backward); x may be the u half of the in_proj output.
 - `defocus_chain_cpp(u, dt, A, B, C, D, z, group_size, delta_scale)`: softplus(dt) / delta_scale -> scan ->
   group RMS norm -> + D u -> * SiLU(z) in one pass, reading and writing the (Bt, L, D) layout of the linears.
+- `mixer_core_cpp(xz, ...)`: everything between a mixer's in_proj and out_proj (conv + SiLU, x_proj, dt_proj, the
+  chain) as one autograd node, whose backward fills the gradient of the in_proj output without a `cat`.
 - `rms_norm_cpp(x, weight, eps)`: RMSNorm over the last dim, one pass forward and one backward (the eager
   composition costs ~10 passes over the activations of every block).
 """

@@ -9,14 +9,16 @@
 //    the N states of one token are contiguous and vectorise).
 //  * conv_fwd / conv_bwd: causal depthwise conv (kernel K) + bias + SiLU along L in the (Bt, L, D) layout of the
 //    linears (x may be the u half of the in_proj output: rows of stride 2D). Replaces conv1d on a transposed copy.
-//  * defocus_fwd / defocus_bwd: the whole chain of a De-focus Mamba mixer between the projections, per group of
-//    G channels of one image (the group RMS norm couples the channels of a group):
+//    conv_bwd may write dx into a given view (the u half of the in_proj output's gradient).
+//  * defocus_fwd / defocus_bwd: the whole chain of a De-focus Mamba mixer between the projections, per block of
+//    whole groups of G channels of one image (the group RMS norm couples the channels of a group):
 //        delta = softplus(dt) / delta_scale                    u, dt, z, out: (Bt, L, D) (the layout of the linears)
 //        y = scan(u, delta, A, B, C)
 //        out = (group_rms_norm(y) + D u) * silu(z)            G = 0: no group norm (the plain Mamba baseline)
-//    A tile of channels of one image is copied into thread-local token-major (L, 8k) buffers; the scan then runs
-//    8 channels at a time, one per vector lane (see grp_fwd), while global memory is only touched in the (Bt, L, D)
-//    layout, token by token.
+//    A block of channels of one image is copied into thread-local token-major (L, width) buffers; the scan then runs
+//    kW channels at a time, one per vector lane (see grp_fwd; kW = 16 with AVX-512, else 8), while global memory is
+//    only touched in the (Bt, L, D) layout, row by row. defocus_bwd may write dz into a given view (the z half of the
+//    in_proj output's gradient) and also returns the sums of ddt over images and tokens (dt_proj's bias gradient).
 //    Optionally the learnable RoPE of B and C is applied first (freq non-empty), as layers/rope.py defines it:
 //        theta_tn = (t / rope_scale) freq_n,  x'_2i = x_2i cos theta_2i - x_2i+1 sin theta_2i,
 //                                              x'_2i+1 = x_2i+1 cos theta_2i+1 + x_2i sin theta_2i+1
