@@ -152,6 +152,7 @@ def _triton_available(device: torch.device) -> bool:
     return mod is not None and mod.runs_on(device)
 
 
+@torch.compiler.assume_constant_result
 def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Which implementation `selective_scan` runs for tensors on `device` (the selection logic lives here only).
 
@@ -202,8 +203,10 @@ def selective_scan(
     which = resolve_scan_impl(u.device, impl, A.dtype)
     if which == "cuda":
         return _mamba_ssm_fn()(u, delta, A, B, C, delta_softplus=False).float()
-    if which == "triton":  # reads any float dtype and strides in place, float32 math
-        return _triton_module().selective_scan_triton(u, delta, A, B, C)
+    if which == "triton":  # reads any float dtype and strides in place, float32 math; a custom op for dynamo
+        from .scan_triton import selective_scan_triton  # importable: resolve_scan_impl checked
+
+        return selective_scan_triton(u, delta, A, B, C)
     if which == "cpp":  # float32 kernel
         from .scan_cpu import selective_scan_cpp
 
