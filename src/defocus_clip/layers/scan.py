@@ -160,6 +160,9 @@ def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype
     tensors, mamba_ssm's kernel when it imports, else the Triton kernel when triton imports; the fused C++ kernel
     for float32/bf16 CPU tensors; and the pure-PyTorch scan otherwise (float64 stays on the pure-PyTorch path, as
     reference checks expect). Auto never picks Triton's interpreter for CPU tensors (it is for tests).
+    torch.compile runs this once per traced graph and keeps the answer as a constant (it imports and reads the
+    environment, which dynamo would otherwise trace, breaking the graph at the mamba_ssm import probe); changing
+    `DEFOCUS_SCAN_IMPL` afterwards does not retrace.
     """
     source = "argument impl" if impl else f"environment variable {ENV_VAR}"
     impl = (impl or os.environ.get(ENV_VAR, "") or "auto").strip().lower()
