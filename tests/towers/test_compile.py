@@ -64,12 +64,13 @@ def _assert_compiled_matches_eager(model: torch.nn.Module, images: torch.Tensor,
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize("case", ["defocus", "plain-sections-scaled"])
-@pytest.mark.parametrize("impl", [
-    "torch", pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs_here(), reason="no triton here"))])
+@pytest.mark.parametrize("impl, case", [
+    ("torch", "defocus"), ("torch", "plain-sections-scaled"),
+    pytest.param("triton", "defocus", marks=pytest.mark.skipif(not _triton_runs_here(), reason="no triton here")),
+])
 def test_compiled_mamba_blocks_match_eager(impl, case):
     """De-focus and plain causal Mamba, each block one graph; the Triton scan goes through dynamo as its custom op
-    (on a CPU in Triton's interpreter, slow: one group of channels, 8 px images, one image)."""
+    (on a CPU in Triton's interpreter, slow: one case, one group of channels, 8 px images, one image)."""
     torch.manual_seed(0)
     small = dict(d_inner=64, img_size=8) if impl == "triton" else {}
     model = perturb_(tiny_mamba(scan_impl=impl, **small, **CASES[case])).train()
