@@ -132,3 +132,17 @@ def test_bad_shapes_are_clear_errors():
     u, delta, A, B, C = (t.to(DEVICE) for t in make_inputs(1, 2, 3, 4))
     with pytest.raises(ValueError, match=r"B, C \(Bt, N, L\)"):
         scan_triton.selective_scan_triton(u, delta, A, B.transpose(1, 2), C)
+
+
+def test_custom_ops_pass_opcheck():
+    """The kernels as PyTorch custom ops, what torch.compile sees: schema, fake (shape-only) implementation, autograd
+    registration and AOT dispatch agree with the real kernels (two chunks of 4 tokens, so the chunk-start states
+    are a real output)."""
+    u, delta, A, B, C = (t.to(DEVICE).requires_grad_() for t in make_inputs(1, 4, 5, 4, seed=6))
+    settings = (4, 4, 1, 16, 1)  # chunk, fwd_block_d, fwd_warps, bwd_tile, bwd_warps
+    torch.library.opcheck(torch.ops.defocus_clip.scan_triton_fwd.default, (u, delta, A, B, C, *settings, True))
+    y, ckpt = torch.ops.defocus_clip.scan_triton_fwd(u, delta, A, B, C, *settings, True)
+    assert ckpt.shape == (1, 4, 1, 4)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.defocus_clip.scan_triton_bwd.default,
+                          tuple(t.detach() for t in (u, delta, A, B, C, dy, ckpt)) + (4, 16, 1))

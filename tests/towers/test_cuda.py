@@ -10,9 +10,11 @@ import open_clip
 import pytest
 import timm
 import torch
+from torch._dynamo.utils import counters
 
 from defocus_clip.layers import scan as scan_mod
 from defocus_clip.layers.scan import ScanUnavailableError, resolve_scan_impl
+from defocus_clip.towers.compile import compile_blocks
 
 from .helpers import mamba_reference_tokens, perturb_, rel_err, tiny_mamba
 from .reference_attention import retnet_tower_ref, vit_tower_ref
@@ -127,6 +129,41 @@ def test_auto_picks_the_fused_gpu_scan(monkeypatch):
         with torch.no_grad():
             model.forward_tokens(torch.randn(1, 3, 16, 16, device=CUDA))
         assert len(calls) == len(model.blocks)
+
+
+@pytest.mark.parametrize("case", ["defocus", "plain-sections-scaled"])
+def test_compiled_mamba_matches_eager_on_cuda(case):
+    """Inductor on the GPU, every block compiled (towers/compile.py, fullgraph) with the Triton scan as an opaque
+    custom op: the eager step's outputs and gradients (float32), and one graph for all blocks, also after the
+    drop-path rate moves."""
+    _skip_unless_available("triton")
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(8)
+    model = perturb_(tiny_mamba(scan_impl="triton", **CASES[case])).to(CUDA).train()
+    images = torch.randn(4, 3, 16, 16, device=CUDA)
+
+    def step(m):
+        out = m.forward_tokens(images)
+        out.square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = step(model)
+    compiled = copy.deepcopy(model)
+    try:
+        assert compile_blocks(compiled) == len(model.blocks)  # device: where the parameters are (CUDA)
+        out_c, grads_c = step(compiled)
+        compiled.set_drop_path_rate(0.3)
+        out_dp, _ = step(compiled)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert rel_err(out_c, out) < 1e-4
+    for k, g in grads.items():
+        assert rel_err(grads_c[k], g) < 1e-3, k
+    assert graphs == 1 and rel_err(out_dp, out) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["DeFocus-Mamba-Tiny-8", "Causal-Mamba-Tiny-8", "DeFocus-Mamba-B-32"])

@@ -49,6 +49,7 @@ def test_resolved_recipe_round_trips(tmp_path):
     (["data.source=wds", "data.train_shards=null"], "data.train_shards"),
     (["optim.betas=[0.9]"], "list of 2 values"),
     (["noequals"], "expected key=value"),
+    (["model.compile=true", "deepspeed.zero_stage=3"], "not with deepspeed.zero_stage=3"),
 ])
 def test_bad_values_name_what_is_valid(override, message):
     with pytest.raises(ConfigError) as e:

@@ -104,3 +104,29 @@ def test_zero_stages_precisions_and_accumulation(tmp_path, zero_stage, precision
     with torch.no_grad():
         emb = loaded.model.encode_image(torch.randn(2, 3, 64, 64))
     assert emb.shape == (2, 128) and torch.isfinite(emb).all()
+
+
+def test_compiled_blocks_train_without_recompiling(tmp_path, monkeypatch):
+    """model.compile: the blocks are compiled in place before DeepSpeed wraps the model (backend aot_eager here;
+    inductor's CPU code generation takes minutes on 2 cores, and it runs on the GPU in tests/towers/test_cuda.py).
+    The per-step drop-path schedule does not recompile them, and checkpoints keep the plain parameter names."""
+    from torch._dynamo.utils import counters
+
+    from defocus_clip.checkpoints import load_clip
+
+    monkeypatch.setenv("DEFOCUS_SCAN_IMPL", "torch")  # the fused CPU kernels cannot be compiled (a clear error)
+    torch._dynamo.reset()
+    counters.clear()
+    run = tmp_path / "run"
+    argv = COMMON + ["--set", "model.compile=true", "--set", "model.compile_backend=aot_eager", "--output", str(run),
+                     "--max-steps", "3"]
+    try:
+        assert main(argv) == 0
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    losses = _losses(run)
+    assert list(losses) == [1, 2, 3] and all(math.isfinite(loss) for loss, _, _ in losses.values())
+    assert len({dp for _, dp, _ in losses.values()}) == 3  # the rate moved every step
+    assert graphs == 2  # one image-tower block, one text block: no recompiles
+    assert load_clip(run).model.visual.trunk.blocks[0].mixer.A_log.shape == (256, 16)

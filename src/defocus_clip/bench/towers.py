@@ -15,6 +15,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
     python -m defocus_clip.bench.towers --device cuda --scan                           # the scan alone, GPU
+    python -m defocus_clip.bench.towers --device cuda --compile --chunks 32 16        # + compiled blocks, chunks
 
 On CUDA (`--device cuda`, `bench_cuda`) all towers run in one process, one after the other (GPU step times do not
 drift with a shared CPU's load), under bf16 autocast; memory is `torch.cuda.max_memory_allocated`; every De-focus
@@ -344,23 +345,32 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _measure_cuda(tower, images, steps: int, warmup: int) -> dict:
+def _measure_cuda(tower, images, steps: int, warmup: int, capture: dict | None = None) -> dict:
     """Median synchronised step time of bf16-autocast forward + `square().mean()` + backward; peak memory of the
     timed steps: `max_memory_allocated` (weights, gradients, activations, workspace) and the part above what was
-    allocated before them (the step's own)."""
+    allocated before them (the step's own). `first_step_s`: the first warm-up step, which also compiles (Triton
+    kernels; with compiled blocks, dynamo + inductor for the forward and the backward). `capture`: filled with the
+    first step's output and parameter gradients (float32 copies), for the compiled-vs-eager check."""
     import time
 
     import torch
 
-    def step():
+    def step(keep: dict | None = None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = tower(images)
         out.float().square().mean().backward()
+        if keep is not None:
+            keep["out"] = out.detach().float().clone()
+            keep["grads"] = {k: p.grad.detach().float().clone() for k, p in tower.named_parameters()
+                             if p.grad is not None}
         tower.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):  # also compiles the Triton kernels
-        step()
-    torch.cuda.synchronize()
+    first = None
+    for i in range(max(warmup, 1 if capture is not None else 0)):
+        t0 = time.perf_counter()
+        step(capture if i == 0 else None)
+        torch.cuda.synchronize()
+        first = first if first is not None else time.perf_counter() - t0
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -373,22 +383,66 @@ def _measure_cuda(tower, images, steps: int, warmup: int) -> dict:
     step_s = statistics.median(times)
     return {"step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
             "img_s": round(images.shape[0] / step_s, 1), "peak_mb": round(peak / 2**20), "step_mb": round(
-                (peak - before) / 2**20)}
+                (peak - before) / 2**20), "first_step_s": round(first, 1) if first is not None else None}
+
+
+def _difference(ours: dict, eager: dict) -> dict:
+    """Compiled vs eager on the same weights and images (bf16 autocast both): the output's max-normalised
+    difference, and the largest relative difference (norm of the difference / norm) of any parameter's gradient."""
+    out = ((ours["out"] - eager["out"]).abs().max() / eager["out"].abs().max()).item()
+    grads = [((g - eager["grads"][k]).norm() / eager["grads"][k].norm().clamp_min(1e-30)).item()
+             for k, g in ours["grads"].items()]
+    return {"max_rel_diff": round(out, 5), "max_grad_rel_diff": round(max(grads), 5),
+            "grads_compared": len(grads), "grads_missing": sorted(set(eager["grads"]) ^ set(ours["grads"]))}
+
+
+def _set_chunk(chunk: int | None) -> None:
+    """The Triton backward's chunk (tokens) for the next steps; None: the shipped default."""
+    import dataclasses
+
+    if _DEFAULT_TRITON is None:
+        return
+    from ..layers import scan_triton
+
+    scan_triton.CONFIG = dataclasses.replace(_DEFAULT_TRITON, **({"chunk": chunk} if chunk else {}))
+
+
+def _triton_default():
+    try:
+        from ..layers import scan_triton
+    except ImportError:
+        return None
+    return scan_triton.CONFIG
+
+
+_DEFAULT_TRITON = None  # scan_triton.CONFIG as shipped, read by bench_cuda
 
 
 def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_size: int = 224, steps: int = 10,
-               warmup: int = 3, scan_impls: tuple[str, ...] = CUDA_SCANS) -> dict:
+               warmup: int = 3, scan_impls: tuple[str, ...] = CUDA_SCANS, compile_towers: bool = False,
+               chunks: tuple[int, ...] = (), log=None) -> dict:
     """Training throughput and peak memory of each tower on the current CUDA device, ViT-B-32 first, ratios against
-    it; De-focus Mamba towers once per scan implementation in `scan_impls` that can run here (others are noted).
-    A measurement that fails (out of memory, say) is recorded with its error and the others go on."""
+    it; De-focus Mamba towers once per scan implementation in `scan_impls` that can run here (others are noted)
+    and, for the Triton scan, once per backward chunk size in `chunks` (default: the shipped one).
+
+    `compile_towers`: each tower is measured eager, then with its blocks compiled (`towers.compile.compile_blocks`,
+    inductor), every variant again; ratios are taken against ViT-B-32 in the same mode, and each compiled row
+    records its speed-up over the same tower eager and how far its first step's output and parameter gradients are
+    from the eager ones (same weights and images, bf16 autocast both; `_difference`). A measurement that fails (out
+    of memory, a compile error) is recorded with its error and the others go on. `log(name, row)` is called after
+    each row."""
     import torch
 
+    global _DEFAULT_TRITON
     from ..errors import ConfigError
     from ..layers.scan import ScanUnavailableError, resolve_scan_impl
+    from ..towers.compile import compile_blocks
     from ..towers.mamba import DefocusMambaMixer
 
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+    if chunks and any(c < 2 or c & (c - 1) for c in chunks):
+        raise ConfigError(f"--chunks must be powers of two >= 2, got {list(chunks)}")
     dev = torch.device("cuda")
     specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
     if BASELINE not in specs:
@@ -400,33 +454,72 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
             usable.append(resolve_scan_impl(dev, impl))
         except ScanUnavailableError as e:
             unusable[impl] = str(e)
+    _DEFAULT_TRITON = _DEFAULT_TRITON or _triton_default()
     torch.manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
     rows: dict[str, dict] = {}
-    for spec in specs:
-        tower = build_tower(spec, image_size).to(dev)
-        params = round(sum(p.numel() for p in tower.parameters()) / 1e6, 2)
-        mixers = [m for m in tower.modules() if isinstance(m, DefocusMambaMixer)]
-        for impl in usable if mixers else [None]:
-            for m in mixers:
-                m.scan_impl = impl
-            name = f"{spec} [scan={impl}]" if impl else spec
-            try:
-                rows[name] = {"params_m": params, **_measure_cuda(tower, images, steps, warmup)}
-            except Exception as e:  # out of memory, a kernel that does not build: recorded, the others go on
-                rows[name] = {"params_m": params, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            tower.zero_grad(set_to_none=True)
+    try:
+        for spec in specs:
+            tower = build_tower(spec, image_size).to(dev)
+            params = round(sum(p.numel() for p in tower.parameters()) / 1e6, 2)
+            mixers = [m for m in tower.modules() if isinstance(m, DefocusMambaMixer)]
+            variants = [(None, None)]
+            if mixers:
+                variants = [(impl, c) for impl in usable for c in ((chunks or (None,)) if impl == "triton" else
+                                                                    (None,))]
+            eager_out: dict = {}
+            for compiled in (False, True) if compile_towers else (False,):
+                if compiled:
+                    try:
+                        compile_blocks(tower, device=dev)
+                    except Exception as e:  # recorded, the other towers go on
+                        rows[f"{spec} [compiled]"] = {"params_m": params, "error": f"{type(e).__name__}: {e}"[:400]}
+                        break
+                for impl, chunk in variants:
+                    for m in mixers:
+                        m.scan_impl = impl
+                    _set_chunk(chunk)
+                    if compiled:
+                        torch._dynamo.reset()  # a new chunk size or scan is a new graph
+                    tags = ([f"scan={impl}"] if impl else []) + ([f"chunk={chunk}"] if chunk else []) + (
+                        ["compiled"] if compiled else [])
+                    name = f"{spec} [{', '.join(tags)}]" if tags else spec
+                    try:
+                        captured: dict = {}
+                        row = {"params_m": params, "mode": "compiled" if compiled else "eager",
+                               **_measure_cuda(tower, images, steps, warmup, captured if compile_towers else None)}
+                        if compiled and (impl, chunk) in eager_out:
+                            row.update(_difference(captured, eager_out.pop((impl, chunk))))
+                        elif compile_towers:
+                            eager_out[(impl, chunk)] = captured
+                    except Exception as e:  # out of memory, a kernel that does not build: recorded, the rest goes on
+                        row = {"params_m": params, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    rows[name] = row
+                    if log is not None:
+                        log(name, row)
+                    tower.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+            del tower
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
-        del tower
-        torch.cuda.empty_cache()
-    base = rows[BASELINE]
-    for r in rows.values():
-        if "error" not in r and "error" not in base:
+    finally:
+        if _DEFAULT_TRITON is not None:
+            _set_chunk(None)
+    bases = {r.get("mode"): r for name, r in rows.items() if name.startswith(BASELINE) and "error" not in r}
+    eager_img_s = {name.replace(", compiled]", "]").replace(" [compiled]", ""): r["img_s"] for name, r in rows.items()
+                   if r.get("mode") == "eager"}
+    for name, r in rows.items():
+        base = bases.get(r.get("mode"))
+        if "error" not in r and base is not None:
             r["speed_ratio"] = round(r["img_s"] / base["img_s"], 3)
             r["memory_ratio"] = round(r["peak_mb"] / base["peak_mb"], 3)
+        if r.get("mode") == "compiled":
+            eager = eager_img_s.get(name.replace(", compiled]", "]").replace(" [compiled]", ""))
+            if eager:
+                r["compile_speedup"] = round(r["img_s"] / eager, 3)
     return {"device": cuda_machine_info(), "batch_size": batch_size, "image_size": image_size, "steps": steps,
             "warmup": warmup, "precision": "bf16 autocast", "baseline": BASELINE, "scan_unavailable": unusable,
-            "models": rows}
+            "compile": compile_towers, "models": rows}
 
 
 def cuda_machine_info() -> dict:
@@ -450,14 +543,20 @@ def format_cuda(result: dict) -> str:
              f"torch {d['torch']} (CUDA {d['cuda']}), triton {d['triton']}: batch {result['batch_size']}, "
              f"{result['image_size']} px, {result['precision']} forward+backward, median of {result['steps']} steps "
              f"after {result['warmup']}",
-             f"  {'model':<44} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'peak MiB':>9} {'step MiB':>9} "
-             f"{'vs ViT':>7}"]
+             "  (vs ViT: the ViT-B-32 row of the same mode; x eager: compiled / eager; diff: compiled vs eager, output "
+             "max-normalised, gradients the worst parameter's relative norm)",
+             f"  {'model':<58} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'x eager':>7} {'peak MiB':>9} "
+             f"{'step MiB':>9} {'vs ViT':>7} {'1st step s':>10} {'out diff':>8} {'grad diff':>9}"]
     for name, r in result["models"].items():
         if "error" in r:
-            lines.append(f"  {name:<44} {r['params_m']:8.1f} {r['error']}")
+            lines.append(f"  {name:<58} {r['params_m']:8.1f} {r['error']}")
             continue
-        lines.append(f"  {name:<44} {r['params_m']:8.1f} {r['img_s']:8.1f} {r.get('speed_ratio', 0):7.2f} "
-                     f"{r['peak_mb']:9d} {r['step_mb']:9d} {r.get('memory_ratio', 0):7.2f}")
+        speedup = f"{r['compile_speedup']:7.2f}" if "compile_speedup" in r else f"{'':>7}"
+        diff = (f"{r['max_rel_diff']:8.1e} {r['max_grad_rel_diff']:9.1e}" if r.get("max_rel_diff") is not None
+                else "")
+        lines.append(f"  {name:<58} {r['params_m']:8.1f} {r['img_s']:8.1f} {r.get('speed_ratio', 0):7.2f} {speedup} "
+                     f"{r['peak_mb']:9d} {r['step_mb']:9d} {r.get('memory_ratio', 0):7.2f} "
+                     f"{r['first_step_s'] or 0:10.1f} {diff}")
     for impl, why in result["scan_unavailable"].items():
         lines.append(f"  (scan={impl} not measured: {why})")
     return "\n".join(lines)
@@ -545,6 +644,11 @@ def format_scan_cuda(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _log_row(name: str, row: dict) -> None:
+    """Each measurement as it completes (a run cut short by a timeout keeps what it measured)."""
+    print(json.dumps({name: row}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m defocus_clip.bench.towers", description=__doc__.split("\n")[0])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
@@ -561,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scan", action="store_true", help="--device cuda: the selective scan alone, per implementation")
     p.add_argument("--scans", nargs="+", default=list(CUDA_SCANS), choices=("torch", "triton", "cuda"),
                    help="--device cuda: the scan implementations to measure De-focus Mamba towers with")
+    p.add_argument("--compile", action="store_true",
+                   help="--device cuda: also measure every tower with its blocks compiled (torch.compile, inductor)")
+    p.add_argument("--chunks", nargs="+", type=int, default=[], metavar="TOKENS",
+                   help="--device cuda: Triton backward chunk sizes to measure De-focus Mamba towers with")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -576,11 +684,14 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_scan_cuda(a.batch_size or 256, steps=max(a.steps, 1))
             print(format_scan_cuda(result))
         else:
-            result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup, tuple(a.scans))
+            result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup, tuple(a.scans),
+                                compile_towers=a.compile, chunks=tuple(a.chunks), log=_log_row)
             print(format_cuda(result))
         if a.json:
             a.json.write_text(json.dumps(result, indent=2))
         return 0
+    if a.compile or a.chunks:
+        p.error("--compile and --chunks need --device cuda (on a CPU the fused C++ kernels cannot be compiled)")
     a.batch_size = a.batch_size or 32
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))

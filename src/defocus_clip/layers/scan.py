@@ -152,6 +152,7 @@ def _triton_available(device: torch.device) -> bool:
     return mod is not None and mod.runs_on(device)
 
 
+@torch.compiler.assume_constant_result
 def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Which implementation `selective_scan` runs for tensors on `device` (the selection logic lives here only).
 
@@ -159,6 +160,9 @@ def resolve_scan_impl(device: torch.device | str, impl: str | None = None, dtype
     tensors, mamba_ssm's kernel when it imports, else the Triton kernel when triton imports; the fused C++ kernel
     for float32/bf16 CPU tensors; and the pure-PyTorch scan otherwise (float64 stays on the pure-PyTorch path, as
     reference checks expect). Auto never picks Triton's interpreter for CPU tensors (it is for tests).
+    torch.compile runs this once per traced graph and keeps the answer as a constant (it imports and reads the
+    environment, which dynamo would otherwise trace, breaking the graph at the mamba_ssm import probe); changing
+    `DEFOCUS_SCAN_IMPL` afterwards does not retrace.
     """
     source = "argument impl" if impl else f"environment variable {ENV_VAR}"
     impl = (impl or os.environ.get(ENV_VAR, "") or "auto").strip().lower()
@@ -202,8 +206,10 @@ def selective_scan(
     which = resolve_scan_impl(u.device, impl, A.dtype)
     if which == "cuda":
         return _mamba_ssm_fn()(u, delta, A, B, C, delta_softplus=False).float()
-    if which == "triton":  # reads any float dtype and strides in place, float32 math
-        return _triton_module().selective_scan_triton(u, delta, A, B, C)
+    if which == "triton":  # reads any float dtype and strides in place, float32 math; a custom op for dynamo
+        from .scan_triton import selective_scan_triton  # importable: resolve_scan_impl checked
+
+        return selective_scan_triton(u, delta, A, B, C)
     if which == "cpp":  # float32 kernel
         from .scan_cpu import selective_scan_cpp
 

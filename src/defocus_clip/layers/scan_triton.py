@@ -104,7 +104,7 @@ def _scan_bwd_kernel(
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
     D, L, N, NUM_DBLK,
     su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sA_d, sA_n, sB_b, sB_n, sB_t, sC_b, sC_n, sC_t, sdy_b, sdy_d, sdy_t,
-    sck_b, sck_d, sck_c,
+    sck_b, sck_d, sck_c, sdu_b, sdu_d, sdu_t, sdd_b, sdd_d, sdd_t,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -153,9 +153,8 @@ def _scan_bwd_kernel(
             first = tl.sum(tl.where(tt[None, :] == 0, a * g, 0.0), axis=1)  # a_t g_t at the chunk's first token
             new_carry = tl.where(sel, first[:, None], new_carry)
         carry = new_carry
-        out = b * D * L + d[:, None] * L + t[None, :]
-        tl.store(du_ptr + out, gB_acc * dl, mask=m)
-        tl.store(ddelta_ptr + out, gB_acc * uu + gA_acc, mask=m)
+        tl.store(du_ptr + b * sdu_b + d[:, None] * sdu_d + t[None, :] * sdu_t, gB_acc * dl, mask=m)
+        tl.store(ddelta_ptr + b * sdd_b + d[:, None] * sdd_d + t[None, :] * sdd_t, gB_acc * uu + gA_acc, mask=m)
     tl.store(dA_ptr + b * D * N + d[:, None] * N + n_idx[None, :], dA_acc, mask=d_ok[:, None] & (n_idx[None, :] < N))
 
 
@@ -169,18 +168,9 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreted())
 
 
-def _chunk(length: int) -> int:
-    return min(CONFIG.chunk, max(_next_pow2(length), 2))
-
-
-def _checkpoint_buffer(bt: int, d: int, length: int, n: int, device) -> torch.Tensor | None:
-    """(Bt, D, chunks - 1, N) float32 for the chunk-start states; None when L fits one chunk."""
-    k = -(-length // _chunk(length)) - 1
-    return torch.empty((bt, d, k, n), device=device, dtype=torch.float32) if k > 0 else None
-
-
-def _checkpoint_strides(ckpt: torch.Tensor | None) -> tuple[int, int, int]:
-    return ckpt.stride()[:3] if ckpt is not None else (0, 0, 0)
+def _chunk(length: int, config: TritonScanConfig) -> int:
+    """Tokens per backward chunk: the configured chunk, or less for short sequences (a power of two >= 2)."""
+    return min(config.chunk, max(_next_pow2(length), 2))
 
 
 def _check(u, delta, A, B, C) -> None:
@@ -193,49 +183,101 @@ def _check(u, delta, A, B, C) -> None:
         )
 
 
-class _TritonScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        bt, d, length = u.shape
-        n = A.shape[1]
-        need_grad = any(ctx.needs_input_grad)
-        y = torch.empty((bt, d, length), device=u.device, dtype=torch.float32)
-        ckpt = _checkpoint_buffer(bt, d, length, n, u.device) if need_grad else None
-        block_d = min(CONFIG.fwd_block_d, _next_pow2(d))
-        if length:
-            _scan_fwd_kernel[(bt, triton.cdiv(d, block_d))](
-                u, delta, A, B, C, y, y if ckpt is None else ckpt, d, length, n,  # y: a pointer never written
-                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_checkpoint_strides(ckpt),
-                BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=_chunk(length), STORE_CKPT=ckpt is not None,
-                num_warps=CONFIG.fwd_warps,
-            )
-        if need_grad:
-            ctx.save_for_backward(u, delta, A, B, C, ckpt)
-        return y
+def _bwd_block_d(d: int, chunk: int, bwd_tile: int) -> int:
+    return min(max(bwd_tile // chunk, 1), _next_pow2(d))
 
-    @staticmethod
-    def backward(ctx, dy):
-        u, delta, A, B, C, ckpt = ctx.saved_tensors
-        bt, d, length = u.shape
-        n = A.shape[1]
-        chunk = _chunk(length)
-        block_d = min(max(CONFIG.bwd_tile // chunk, 1), _next_pow2(d))
-        nblk = triton.cdiv(d, block_d)
-        f32 = dict(device=u.device, dtype=torch.float32)
-        du, ddelta = torch.empty((bt, d, length), **f32), torch.empty((bt, d, length), **f32)
-        dA = torch.empty((bt, d, n), **f32)
-        dB, dC = torch.empty((bt, nblk, n, length), **f32), torch.empty((bt, nblk, n, length), **f32)
-        if length:
-            _scan_bwd_kernel[(bt, nblk)](
-                u, delta, A, B, C, dy, du if ckpt is None else ckpt, du, ddelta, dA, dB, dC, d, length, n, nblk,
-                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
-                *_checkpoint_strides(ckpt),
-                BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=CONFIG.bwd_warps,
-            )
-        else:
-            dA.zero_(), dB.zero_(), dC.zero_()
-        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
-                dC.sum(1).to(C.dtype))
+
+# The kernels as two PyTorch custom ops with a fake (shape-only) implementation and an autograd formula, so that
+# torch.compile treats the scan as one opaque call (no graph break, no tracing into Triton's launcher) and inductor
+# fuses the element-wise work around it. Every tile setting is an argument: it is read from CONFIG where dynamo
+# traces (`selective_scan_triton`), so a compiled graph records the values it was built with.
+@torch.library.custom_op("defocus_clip::scan_triton_fwd", mutates_args=())
+def _scan_fwd_op(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    chunk: int, fwd_block_d: int, fwd_warps: int, bwd_tile: int, bwd_warps: int, store_states: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (Bt, D, L) float32 and the chunk-start states (Bt, D, chunks - 1, N), empty unless `store_states`;
+    bwd_tile and bwd_warps are not used here, they are recorded for the backward."""
+    bt, d, length = u.shape
+    n = A.shape[1]
+    y = torch.empty((bt, d, length), device=u.device, dtype=torch.float32)
+    k = -(-length // chunk) - 1 if store_states and length else 0
+    ckpt = torch.empty((bt, d, max(k, 0), n), device=u.device, dtype=torch.float32)
+    block_d = min(fwd_block_d, _next_pow2(d))
+    if length:
+        _scan_fwd_kernel[(bt, triton.cdiv(d, block_d))](
+            u, delta, A, B, C, y, ckpt if k > 0 else y, d, length, n,  # y: a pointer never written
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+            *(ckpt.stride()[:3] if k > 0 else (0, 0, 0)),
+            BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, STORE_CKPT=k > 0, num_warps=fwd_warps,
+        )
+    return y, ckpt
+
+
+@_scan_fwd_op.register_fake
+def _scan_fwd_fake(u, delta, A, B, C, chunk, fwd_block_d, fwd_warps, bwd_tile, bwd_warps, store_states):
+    bt, d, length = u.shape
+    k = -(-length // chunk) - 1 if store_states and length else 0
+    return (u.new_empty((bt, d, length), dtype=torch.float32),
+            u.new_empty((bt, d, max(k, 0), A.shape[1]), dtype=torch.float32))
+
+
+@torch.library.custom_op("defocus_clip::scan_triton_bwd", mutates_args=())
+def _scan_bwd_op(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor,
+    ckpt: torch.Tensor, chunk: int, bwd_tile: int, bwd_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """du, ddelta (Bt, D, L) float32, laid out as u and delta (`empty_like`: a transposed delta gets a transposed
+    gradient, so the ops after it see one layout), and per-program partial sums dA (Bt, D, N), dB, dC
+    (Bt, D/block, N, L) float32 that the caller reduces (deterministic, no atomics)."""
+    bt, d, length = u.shape
+    n = A.shape[1]
+    block_d = _bwd_block_d(d, chunk, bwd_tile)
+    nblk = triton.cdiv(d, block_d)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta = torch.empty_like(u, dtype=torch.float32), torch.empty_like(delta, dtype=torch.float32)
+    dA = torch.empty((bt, d, n), **f32)
+    dB, dC = torch.empty((bt, nblk, n, length), **f32), torch.empty((bt, nblk, n, length), **f32)
+    if length:
+        has_ckpt = ckpt.numel() > 0
+        _scan_bwd_kernel[(bt, nblk)](
+            u, delta, A, B, C, dy, ckpt if has_ckpt else du, du, ddelta, dA, dB, dC, d, length, n, nblk,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
+            *(ckpt.stride()[:3] if has_ckpt else (0, 0, 0)), *du.stride(), *ddelta.stride(),
+            BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=bwd_warps,
+        )
+    else:
+        dA.zero_(), dB.zero_(), dC.zero_()
+    return du, ddelta, dA, dB, dC
+
+
+@_scan_bwd_op.register_fake
+def _scan_bwd_fake(u, delta, A, B, C, dy, ckpt, chunk, bwd_tile, bwd_warps):
+    bt, d, length = u.shape
+    n = A.shape[1]
+    nblk = -(-d // _bwd_block_d(d, chunk, bwd_tile))
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(u, **f32), torch.empty_like(delta, **f32), u.new_empty((bt, d, n), **f32),
+            u.new_empty((bt, nblk, n, length), **f32), u.new_empty((bt, nblk, n, length), **f32))
+
+
+def _scan_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, chunk, _, _, bwd_tile, bwd_warps, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, output[1])
+    ctx.settings = (chunk, bwd_tile, bwd_warps)
+
+
+def _scan_backward(ctx, dy, _dckpt):
+    u, delta, A, B, C, ckpt = ctx.saved_tensors
+    chunk = ctx.settings[0]
+    if ckpt.numel() == 0 and u.shape[-1] > chunk:  # only a direct call of the op can get here
+        raise RuntimeError("scan_triton_fwd was called with store_states=False, so it cannot be differentiated")
+    du, ddelta, dA, dB, dC = _scan_bwd_op(u, delta, A, B, C, dy, ckpt, *ctx.settings)
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
+            dC.sum(1).to(C.dtype), None, None, None, None, None, None)
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def selective_scan_triton(
@@ -244,4 +286,8 @@ def selective_scan_triton(
     """The fused scan (float32 out; inputs of any float dtype and strides, read in place). CUDA tensors, or CPU
     tensors under Triton's interpreter; `scan.resolve_scan_impl` decides where it may run."""
     _check(u, delta, A, B, C)
-    return _TritonScan.apply(u, delta, A, B, C)
+    cfg = CONFIG
+    store = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    y, _ = _scan_fwd_op(u, delta, A, B, C, _chunk(u.shape[-1], cfg), cfg.fwd_block_d, cfg.fwd_warps, cfg.bwd_tile,
+                        cfg.bwd_warps, store)
+    return y

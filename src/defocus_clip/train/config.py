@@ -27,6 +27,8 @@ class ModelConfig:
     pretrained: str | None = None  # an OpenCLIP pretrained tag or a file to start from
     force_image_size: int | None = None  # train at another resolution than the config's
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile every block in place (towers/compile.py); for GPUs; not with ZeRO-3
+    compile_backend: str = "inductor"  # torch.compile backend: inductor, or aot_eager / eager to debug a compile
 
 
 @dataclass
@@ -141,6 +143,9 @@ class TrainConfig:
                 raise bad(key, value, "must be >= 1")
         if self.schedule.max_steps is not None and self.schedule.max_steps < 1:
             raise bad("schedule.max_steps", self.schedule.max_steps, "must be >= 1 or null")
+        if self.model.compile and self.deepspeed.zero_stage == 3:
+            raise bad("model.compile", True, "not with deepspeed.zero_stage=3, whose parameter-gathering hooks "
+                      "cannot be traced into compiled blocks; use ZeRO 0-2 or model.compile=false")
         if self.aux_loss.weight < 0:
             raise bad("aux_loss.weight", self.aux_loss.weight, "must be >= 0")
 

@@ -126,6 +126,12 @@ def train(recipe: str | None, *, overrides: list[str] = (), output: str | None =
         raise ConfigError(f"drop_path.schedule={cfg.drop_path.schedule!r} needs a tower with "
                           f"set_drop_path_rate (the De-focus towers); {cfg.model.name!r} has none: set "
                           f"drop_path.schedule=none")
+    if cfg.model.compile:  # in place, before DeepSpeed wraps the model: the state dict keeps its names
+        from ..towers.compile import compile_blocks
+
+        n = compile_blocks(clip, device=dist_info.device, backend=cfg.model.compile_backend)
+        log.info("model.compile: %d blocks compiled (torch.compile, backend %s); the first step compiles them", n,
+                 cfg.model.compile_backend)
     task = ClipTask(clip, cfg.model.name, cfg.aux_loss.weight, rank=dist_info.rank,
                     world_size=dist_info.world_size)
 
