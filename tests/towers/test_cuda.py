@@ -189,26 +189,26 @@ def test_openclip_training_step_on_cuda(name):
         torch.testing.assert_close(model.encode_image(images), head(trunk.forward_tokens(images)[:, -1]))
 
 
+def _float32_on_cuda_matches(model, tower_ref) -> None:
+    """The tower on CUDA in float32 against its float64 reference on the CPU, and causal there."""
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = tower_ref(copy.deepcopy(model).double(), images.double())
+        out = _on_cuda(model).forward_tokens(images.to(CUDA))
+    assert rel_err(out.cpu(), ref) < 1e-3
+    assert early_token_change(_on_cuda(model), images.to(CUDA)) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["defocus", "causal"])
 def test_vit_float32_on_cuda_matches_float64_reference(kind):
     torch.manual_seed(6)
     model = tiny_vit(kind, init_values=0.5).eval()
     perturb_filter(model)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = vit_tower_ref(copy.deepcopy(model).double(), images.double())
-        out = _on_cuda(model).forward_tokens(images.to(CUDA))
-    assert rel_err(out.cpu(), ref) < 1e-3
-    assert early_token_change(_on_cuda(model), images.to(CUDA)) < 1e-5
+    _float32_on_cuda_matches(model, vit_tower_ref)
 
 
 def test_retnet_float32_on_cuda_matches_float64_reference():
     torch.manual_seed(7)
     model = tiny_retnet(init_values=0.5).eval()
     perturb_retnet(model)
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = retnet_tower_ref(copy.deepcopy(model).double(), images.double())
-        out = _on_cuda(model).forward_tokens(images.to(CUDA))
-    assert rel_err(out.cpu(), ref) < 1e-3
-    assert early_token_change(_on_cuda(model), images.to(CUDA)) < 1e-5
+    _float32_on_cuda_matches(model, retnet_tower_ref)
