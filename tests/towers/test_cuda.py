@@ -212,3 +212,26 @@ def test_retnet_float32_on_cuda_matches_float64_reference():
     model = tiny_retnet(init_values=0.5).eval()
     perturb_retnet(model)
     _float32_on_cuda_matches(model, retnet_tower_ref)
+
+
+def test_causal_conv1d_kernel_matches_the_conv1d_composition():
+    """Where the `causal_conv1d` package is installed, its kernel (the mixers' conv on CUDA) against conv1d + SiLU,
+    forward and gradients, float32 and under bf16 autocast."""
+    from defocus_clip.layers import causal_conv
+
+    if causal_conv.cuda_kernel_for(torch.zeros(1, device=CUDA)) is None:
+        pytest.skip("causal_conv1d is not installed")
+    torch.manual_seed(9)
+    conv = torch.nn.Conv1d(64, 64, 4, groups=64, padding=3).to(CUDA)
+    x = torch.randn(3, 64, 50, device=CUDA, requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            fused = causal_conv.causal_conv1d_silu(x, conv)
+            composed = torch.nn.functional.silu(conv(x)[..., :50])
+        probe = torch.randn_like(fused, dtype=torch.float32)
+        g_fused = torch.autograd.grad((fused.float() * probe).sum(), (x, conv.weight, conv.bias))
+        g_composed = torch.autograd.grad((composed.float() * probe).sum(), (x, conv.weight, conv.bias))
+        tol = 2e-2 if autocast else 1e-5
+        assert rel_err(fused.float(), composed.float()) < tol
+        for a, b in zip(g_fused, g_composed):
+            assert rel_err(a.float(), b.float()) < tol

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from ..layers.causal_conv import causal_conv1d_silu
 from ..layers.rope import apply_rope, rope_angles
 from ..layers.scan import resolve_scan_impl, selective_scan
 from ..layers.scan_cpu import (
@@ -110,7 +111,7 @@ class DefocusMambaMixer(nn.Module):
             return self._forward_cpp(x)
         length = x.shape[1]
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
-        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length])  # causal conv: (B, D, L)
+        u = causal_conv1d_silu(u.transpose(1, 2), self.conv1d)  # (B, D, L); causal_conv1d's kernel on CUDA
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)  # (B, L, D), before softplus
         if self.freq is not None:
