@@ -1,7 +1,8 @@
 """What every image tower shares: the 1D causal token sequence and the timm / OpenCLIP model contract.
 
-A tower embeds patches (conv, raster or section order), appends the class token LAST (a causal model can see the
-whole image only from the last position), runs `self.blocks`, applies the final norm and pools:
+A tower embeds patches (timm's PatchEmbed run as one matmul, raster or section order), appends the class token LAST
+(a causal model can see the whole image only from the last position), runs `self.blocks`, applies the final norm and
+pools:
 `global_pool='token'` reads the last token, `'avg'` the mean of the image tokens (class token excluded).
 Subclasses build `self.blocks` (each block with a `drop_path` attribute) and may override `_prefix`/`_pos_embed`
 (the non-causal baseline puts its class token first).
@@ -13,11 +14,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputShapeError
 from ..layers.drop_path import set_drop_path_rates
+from ..layers.patch_embed import LinearPatchEmbed
 from ..layers.token_order import inverse_order, section_order
 
 
@@ -81,7 +83,7 @@ class TokenTower(nn.Module):
         self.grad_checkpointing = False
         self.in_chans = in_chans
 
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = LinearPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
