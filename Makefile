@@ -18,6 +18,7 @@ $(PY):
 install: $(PY)  ## create .venv and install the project (editable) with its test extras
 	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]:-0} -eq 0
 	$(PY) -c "import defocus_clip, torchvision, open_clip, deepspeed; print('defocus-clip', defocus_clip.__version__, 'installed')"
+	$(PY) -c "from defocus_clip.layers import scan_cpu; print('fused CPU kernel:', 'ready' if scan_cpu.available() else 'unavailable, the pure-PyTorch scan will run')"
 
 test:  ## run the test suite (CPU, offline)
 	$(PY) -m ruff check src tests recipes data_prep eval

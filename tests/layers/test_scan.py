@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,6 +295,30 @@ def test_build_can_be_disabled(monkeypatch):
     monkeypatch.setenv("DEFOCUS_SCAN_CPP_BUILD", "0")
     monkeypatch.setattr(scan_cpu, "_build", lambda: pytest.fail("must not build"))
     assert not scan_cpu.available()
+
+
+def test_first_build_says_it_compiles(monkeypatch, tmp_path, caplog):
+    """A first build takes a minute: it is announced (and timed), a cached one is silent."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    so = tmp_path / "ext" / "defocus_scan_cpu_x.so"
+    monkeypatch.setattr(scan_cpu, "_build_path", lambda name: so)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: so.parent.mkdir(exist_ok=True) or so.touch() or "module")
+    with caplog.at_level(logging.WARNING, logger=scan_cpu.__name__):
+        assert scan_cpu._build() == "module"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "compiling the fused CPU scan kernel" in messages[0] and str(so.parent) in messages[0]
+    assert "compiled in" in messages[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=scan_cpu.__name__):
+        assert scan_cpu._build() == "module"  # the .so exists now
+    assert not caplog.records
+
+
+@needs_cpp
+def test_build_path_is_where_torch_keeps_the_build():
+    mod = scan_cpu._module()
+    assert scan_cpu._build_path(mod.__name__) == Path(mod.__file__)
 
 
 @needs_cpp

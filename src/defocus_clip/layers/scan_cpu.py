@@ -1,4 +1,5 @@
-"""Fused CPU selective-scan kernel (`csrc/scan_cpu.cpp`), compiled with `torch.utils.cpp_extension` on first use.
+"""Fused CPU selective-scan kernel (`csrc/scan_cpu.cpp`), compiled with `torch.utils.cpp_extension` on first use
+(`make install` does that first use).
 
 Why: an eager scan materialises Bt*D*L*N tensors and is memory-bound (see docs/benchmarks.md); the kernel keeps the
 states in registers and is 15-30x faster. The build (about a minute with gcc) is cached in torch's extensions
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -58,13 +60,27 @@ def _build(source: Path = _SOURCE) -> ModuleType:
 
     flags = _cflags()
     digest = hashlib.sha1(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
-    return load(
-        name=f"defocus_scan_cpu_{digest[:12]}",
-        sources=[str(source)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    name = f"defocus_scan_cpu_{digest[:12]}"
+    so = _build_path(name)
+    compiling = so is None or not so.exists()
+    if compiling:  # say why the process stalls: a silent minute looks like a hang
+        where = so.parent if so else "torch's extensions folder"
+        _logger.warning("compiling the fused CPU scan kernel (once per version, about a minute; cached in %s)", where)
+    start = time.perf_counter()
+    mod = load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    if compiling:
+        _logger.warning("fused CPU scan kernel compiled in %.0f s", time.perf_counter() - start)
+    return mod
+
+
+def _build_path(name: str) -> Path | None:
+    """Where torch's `load` keeps the build of `name` (None if torch's private helper changed)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    except Exception:
+        return None
 
 
 def _module() -> ModuleType | None:
