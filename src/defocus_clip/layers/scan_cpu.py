@@ -3,7 +3,8 @@
 
 Why: an eager scan materialises Bt*D*L*N tensors and is memory-bound (see docs/benchmarks.md); the kernel keeps the
 states in registers and is 15-30x faster. The build (about a minute with gcc) is cached in torch's extensions
-directory (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); torch's file lock there makes concurrent
+directory (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), one build per checkout, source version,
+compiler flags and torch version; torch's file lock there makes concurrent
 builds by several processes (test workers, DeepSpeed ranks) safe. No compiler, or a failed build, gives one
 warning and `available() == False`: callers then use the pure-PyTorch scan. `DEFOCUS_SCAN_CPP_BUILD=0` skips
 the build attempt altogether.
@@ -59,13 +60,17 @@ def _build(source: Path = _SOURCE) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     flags = _cflags()
-    digest = hashlib.sha1(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    # the source's path too: torch's ninja build rebuilds when the same build folder is asked for another source
+    # path, so two checkouts sharing the cache (a clone for CI, say) would take turns compiling for a minute
+    key = [source.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(), str(source.resolve()).encode()]
+    digest = hashlib.sha1(b"\0".join(key)).hexdigest()
     name = f"defocus_scan_cpu_{digest[:12]}"
     so = _build_path(name)
     compiling = so is None or not so.exists()
     if compiling:  # say why the process stalls: a silent minute looks like a hang
         where = so.parent if so else "torch's extensions folder"
-        _logger.warning("compiling the fused CPU scan kernel (once per version, about a minute; cached in %s)", where)
+        _logger.warning("compiling the fused CPU scan kernel (once per checkout and source version, about a minute; "
+                        "cached in %s)", where)
     start = time.perf_counter()
     mod = load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     if compiling:
