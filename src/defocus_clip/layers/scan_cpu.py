@@ -4,10 +4,9 @@
 Why: an eager scan materialises Bt*D*L*N tensors and is memory-bound (see docs/benchmarks.md); the kernel keeps the
 states in registers and is 15-30x faster. The build (about a minute with gcc) is cached in torch's extensions
 directory (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), one build per checkout, source version,
-compiler flags and torch version; torch's file lock there makes concurrent
-builds by several processes (test workers, DeepSpeed ranks) safe. No compiler, or a failed build, gives one
-warning and `available() == False`: callers then use the pure-PyTorch scan. `DEFOCUS_SCAN_CPP_BUILD=0` skips
-the build attempt altogether.
+compiler flags and torch version; torch's file lock there makes concurrent builds by several processes (test
+workers, DeepSpeed ranks) safe. No compiler, or a failed build, gives one warning and `available() == False`:
+callers then use the pure-PyTorch scan. `DEFOCUS_SCAN_CPP_BUILD=0` skips the build attempt altogether.
 
 Five ops, each an autograd function:
 - `selective_scan_cpp(u, delta, A, B, C)`: the plain scan, shapes as `scan.selective_scan`.
