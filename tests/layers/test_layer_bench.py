@@ -1,5 +1,5 @@
 """The per-layer benchmark (`python -m defocus_clip.bench.towers --layer`): runs, reports both modules and the ratio
-ViT block / (2 x Mamba layer), and times a kernel built from another source in the same process."""
+ViT block / (2 x Mamba layer), and times a kernel built from another source, or ablated builds, in the same process."""
 
 from __future__ import annotations
 
@@ -62,3 +62,34 @@ def test_interleaved_tower_bench_pairs_steps_and_compares_a_kernel(capsys):
     assert all(len(r["step_times_s"]) == 2 and r["img_s"] > 0 for r in rows.values())
     assert scan_cpu._module() is shipped and RMSNormFp32.forward is norm
     assert "vs ViT (paired)" in towers.format_interleaved(result)
+
+
+@pytest.fixture
+def fake_ablated_builds(monkeypatch):
+    """`scan_cpu._build` answering ablated builds with the shipped module (a real one compiles for a minute); records
+    the macros asked for."""
+    asked = []
+    shipped = scan_cpu._module()
+    monkeypatch.setattr(scan_cpu, "_build", lambda source=None, defines=(): asked.append(defines) or shipped)
+    return asked
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_ablations_are_timed_as_extra_kernels(fake_ablated_builds):
+    """--ablate scan chain: one more row per ablation, each from a build with its DEFOCUS_ABLATE level."""
+    result = towers.bench_layer(batch_size=1, tokens=3, steps=1, warmup=0, threads=1, ablate=("scan", "chain"))
+    assert set(result["rows"]) == {"vit", "mamba", "mamba (ablated: no scan core)", "mamba (ablated: no chain)"}
+    assert fake_ablated_builds == [("DEFOCUS_ABLATE=1",), ("DEFOCUS_ABLATE=2",)]
+    assert "mamba (ablated: no chain)" in towers.format_layer(result)
+    fake_ablated_builds.clear()
+    result = towers.bench_interleaved(["DeFocus-Mamba-Tiny-8"], batch_size=1, image_size=64, steps=1, warmup=0,
+                                      threads=1, ablate=("scan",))
+    assert f"{towers.GOAL_MODEL} (ablated: no scan core)" in result["models"]
+    assert result["ablate"] == ["scan"] and fake_ablated_builds == [("DEFOCUS_ABLATE=1",)]
+
+
+def test_unknown_ablation_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown ablation 'conv'.*chain.*scan"):
+        towers.other_kernels(ablate=("conv",))
+    with pytest.raises(SystemExit):
+        towers.main(["--layer", "--ablate", "conv"])

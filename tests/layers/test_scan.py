@@ -315,6 +315,25 @@ def test_first_build_says_it_compiles(monkeypatch, tmp_path, caplog):
     assert not caplog.records
 
 
+def test_defines_reach_the_compiler_and_name_their_own_build(monkeypatch, tmp_path):
+    """Benchmark builds with a macro (the DEFOCUS_ABLATE ablations) get the -D flag and a build of their own: they must
+    never be loaded in place of the shipped kernel, which computes."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+    monkeypatch.setattr(scan_cpu, "_build_path", lambda name: tmp_path / f"{name}.so")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or kw["name"])
+    plain, ablated = scan_cpu._build(), scan_cpu._build(defines=("DEFOCUS_ABLATE=1",))
+    assert plain != ablated
+    assert "-DDEFOCUS_ABLATE=1" in calls[1]["extra_cflags"]
+    assert not any(f.startswith("-D") for f in calls[0]["extra_cflags"])
+
+
+@needs_cpp
+def test_shipped_build_is_not_ablated():
+    assert scan_cpu._module().ABLATE == 0
+
+
 @needs_cpp
 def test_build_path_is_where_torch_keeps_the_build():
     mod = scan_cpu._module()

@@ -13,6 +13,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
+    python -m defocus_clip.bench.towers --interleaved --ablate scan chain              # + ceilings (parts left out)
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
     python -m defocus_clip.bench.towers --device cuda --scan                           # the scan alone, GPU
     python -m defocus_clip.bench.towers --device cuda --compile --chunks 32 16        # + compiled blocks, chunks
@@ -37,6 +38,9 @@ BASELINE = "clip:ViT-B-32"
 GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
 GOAL_RATIO = 0.9
 CUDA_SCANS = ("torch", "triton")  # mamba_ssm's "cuda" joins when it imports
+# --ablate: builds of the shipped kernel with a part of the De-focus chain left out (DEFOCUS_ABLATE in the C++ source).
+# They compute wrong results; their speed is the ceiling of the tower's if that part cost nothing.
+ABLATIONS = {"scan": (1, "no scan core"), "chain": (2, "no chain")}
 # towers of the other families, measured when their timm names are registered
 _OPTIONAL_TIMM = ("defocus_vit_base_patch32_224", "defocus_retnet_base_patch32_224")
 
@@ -171,15 +175,32 @@ def format_towers(result: dict) -> str:
     return "\n".join(lines)
 
 
+def other_kernels(compare_source: str | None = None, ablate: tuple[str, ...] = ()) -> dict:
+    """Kernels to time beside the shipped one, by label: a build of another C++ source, and the `ABLATIONS` named in
+    `ablate` (builds of the shipped source with that part left out)."""
+    from ..layers import scan_cpu
+
+    kernels = {}
+    if compare_source:
+        kernels[Path(compare_source).name] = scan_cpu._build(Path(compare_source))
+    for what in ablate:
+        if what not in ABLATIONS:
+            raise ValueError(f"unknown ablation {what!r}; choose from {sorted(ABLATIONS)}")
+        level, label = ABLATIONS[what]
+        kernels[f"ablated: {label}"] = scan_cpu._build(defines=(f"DEFOCUS_ABLATE={level}",))
+    return kernels
+
+
 def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, image_size: int = 224, steps: int = 8,
-                      warmup: int = 1, threads: int | None = None, compare_source: str | None = None) -> dict:
+                      warmup: int = 1, threads: int | None = None, compare_source: str | None = None,
+                      ablate: tuple[str, ...] = ()) -> dict:
     """Speed only, all towers in this process, one step of each in turn (rotating order), so that every ratio pairs
     steps taken within seconds of each other: on a shared machine whose speed swings by +-20% within minutes, the
     per-process method pairs runs minutes apart. `compare_source`: also time the De-focus Mamba tower with the fused
-    kernel built from another C++ source (e.g. the previous version; with the eager RMSNorm if it has none)."""
+    kernel built from another C++ source (e.g. the previous version; with the eager RMSNorm if it has none);
+    `ablate`: also time it with those parts of the chain left out (`ABLATIONS`)."""
     import torch
 
-    from ..layers import scan_cpu
     from ..layers.scan import resolve_scan_impl
 
     if threads:
@@ -190,16 +211,14 @@ def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, ima
         specs.insert(0, BASELINE)
     towers = {spec: build_tower(spec, image_size) for spec in specs}
     images = torch.randn(batch_size, 3, image_size, image_size)
-    names = list(specs)
-    if compare_source:  # the goal model once more, with the other kernel
-        compare = scan_cpu._build(Path(compare_source))
-        names.append(f"{GOAL_MODEL} ({Path(compare_source).name})")
-        if GOAL_MODEL not in towers:
-            towers[GOAL_MODEL] = build_tower(GOAL_MODEL, image_size)
+    kernels = {f"{GOAL_MODEL} ({label})": mod for label, mod in other_kernels(compare_source, ablate).items()}
+    if kernels and GOAL_MODEL not in towers:  # the goal model once more per other kernel
+        towers[GOAL_MODEL] = build_tower(GOAL_MODEL, image_size)
+    names = [*specs, *kernels]
 
     def step(name: str) -> None:
         tower = towers.get(name, towers.get(GOAL_MODEL))
-        with contextlib.nullcontext() if name in towers else _kernel(compare):
+        with _kernel(kernels[name]) if name in kernels else contextlib.nullcontext():
             tower(images).float().square().mean().backward()
         tower.zero_grad(set_to_none=True)
 
@@ -214,8 +233,9 @@ def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, ima
                    "ratio_of_medians": round(statistics.median(base) / statistics.median(ts), 3),
                    "step_times_s": [round(t, 3) for t in ts]}
     return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "threads": torch.get_num_threads(),
-            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "machine": machine_info(),
-            "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO}, "models": rows}
+            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "ablate": list(ablate),
+            "machine": machine_info(), "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO},
+            "models": rows}
 
 
 def format_interleaved(result: dict) -> str:
@@ -223,10 +243,10 @@ def format_interleaved(result: dict) -> str:
     lines = [f"towers in one process, steps interleaved: batch {result['batch_size']}, {result['image_size']} px, fp32 "
              f"forward+backward, {result['threads']} threads, scan={result['scan_impl']}, {result['steps']} steps each",
              _machine_line(m),
-             f"  {'model':<48} {'img/s':>7} {'vs ViT (paired)':>16} {'(range)':>13} {'ratio of medians':>17}"]
+             f"  {'model':<50} {'img/s':>7} {'vs ViT (paired)':>16} {'(range)':>13} {'ratio of medians':>17}"]
     for name, r in result["models"].items():
         lo, hi = r["speed_ratio_range"]
-        lines.append(f"  {name:<48} {r['img_s']:7.2f} {r['speed_ratio']:16.3f} {f'({lo:.2f}-{hi:.2f})':>13} "
+        lines.append(f"  {name:<50} {r['img_s']:7.2f} {r['speed_ratio']:16.3f} {f'({lo:.2f}-{hi:.2f})':>13} "
                      f"{r['ratio_of_medians']:17.3f}")
     return "\n".join(lines)
 
@@ -294,11 +314,12 @@ def _layer_modules(tokens: int, dim: int = 768):
 
 
 def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: int = 2, threads: int | None = None,
-                compare_source: str | None = None) -> dict:
+                compare_source: str | None = None, ablate: tuple[str, ...] = ()) -> dict:
     """Forward + backward (`out.square().mean()`) of one Mamba layer vs one ViT block in this process, interleaved
     step by step with a rotating order, so load changes hit both alike. Two Mamba layers have about the FLOPs of one
     ViT block: ratio = ViT block time / (2 x Mamba layer time). `compare_source`: also time the Mamba layer with the
-    fused kernel built from another C++ source (e.g. the previous version), same process and inputs."""
+    fused kernel built from another C++ source (e.g. the previous version), same process and inputs; `ablate`: also
+    with those parts of the chain left out (`ABLATIONS`)."""
     import torch
 
     from ..layers import scan_cpu
@@ -310,8 +331,10 @@ def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: 
     mamba, vit = _layer_modules(tokens)
     x = torch.randn(batch_size, tokens, 768)
     kernels = {"mamba": scan_cpu._module()}
+    others = other_kernels(compare_source, ablate)
     if compare_source:
-        kernels["mamba_compare"] = scan_cpu._build(Path(compare_source))
+        kernels["mamba_compare"] = others.pop(Path(compare_source).name)
+    kernels.update({f"mamba ({label})": mod for label, mod in others.items()})
 
     def step(name: str):
         if name == "vit":
@@ -329,8 +352,8 @@ def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: 
         rows[n]["ratio_best"] = round(rows["vit"]["best_ms"] / (2 * rows[n]["best_ms"]), 3)
         rows[n]["ratio_median"] = round(rows["vit"]["median_ms"] / (2 * rows[n]["median_ms"]), 3)
     return {"batch_size": batch_size, "tokens": tokens, "steps": steps, "threads": torch.get_num_threads(),
-            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "machine": machine_info(),
-            "rows": rows}
+            "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "ablate": list(ablate),
+            "machine": machine_info(), "rows": rows}
 
 
 def format_layer(result: dict) -> str:
@@ -338,10 +361,10 @@ def format_layer(result: dict) -> str:
     lines = [f"one layer: batch {result['batch_size']}, {result['tokens']} tokens, fp32 forward+backward, "
              f"{result['threads']} threads, scan={result['scan_impl']}, {result['steps']} interleaved steps",
              _machine_line(m),
-             f"  {'module':<16} {'best ms':>8} {'median ms':>10} {'ViT/(2 x layer) best / median':>30}"]
+             f"  {'module':<30} {'best ms':>8} {'median ms':>10} {'ViT/(2 x layer) best / median':>30}"]
     for name, r in result["rows"].items():
         ratio = f"{r['ratio_best']:.2f} / {r['ratio_median']:.2f}" if "ratio_best" in r else ""
-        lines.append(f"  {name:<16} {r['best_ms']:8.1f} {r['median_ms']:10.1f} {ratio:>30}")
+        lines.append(f"  {name:<30} {r['best_ms']:8.1f} {r['median_ms']:10.1f} {ratio:>30}")
     return "\n".join(lines)
 
 
@@ -658,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="speed only: all --models in one process, steps interleaved (paired ratios)")
     p.add_argument("--compare-source", default=None, metavar="CPP",
                    help="--layer / --interleaved: also time De-focus Mamba with the kernel built from this C++ source")
+    p.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS),
+                   help="--layer / --interleaved: also time De-focus Mamba with that part of the chain left out (wrong "
+                        "results; the speed it would have if that part were free)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: all --models on the GPU in this process, bf16 autocast (default batch 256)")
@@ -697,10 +723,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
     elif a.interleaved:
         print(format_interleaved(bench_interleaved(a.models, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
-                                                   a.compare_source)))
+                                                   a.compare_source, tuple(a.ablate))))
     elif a.layer:
         print(format_layer(bench_layer(a.batch_size, steps=max(a.steps, 1), warmup=a.warmup, threads=a.threads,
-                                       compare_source=a.compare_source)))
+                                       compare_source=a.compare_source, ablate=tuple(a.ablate))))
     elif a.profile:
         print(profile_tower(a.profile, a.batch_size, a.image_size, a.steps, threads=a.threads))
     else:

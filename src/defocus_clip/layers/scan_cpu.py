@@ -54,11 +54,12 @@ def _cflags() -> list[str]:
     return flags
 
 
-def _build(source: Path = _SOURCE) -> ModuleType:
-    """Compile (or load the cached build of) `source`; another source than the shipped one is for benchmarks."""
+def _build(source: Path = _SOURCE, defines: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load the cached build of) `source`; another source than the shipped one, or `defines` (macros such
+    as "DEFOCUS_ABLATE=1", which make a build compute wrong results), are for benchmarks."""
     from torch.utils.cpp_extension import load
 
-    flags = _cflags()
+    flags = _cflags() + [f"-D{d}" for d in defines]
     # the source's path too: torch's ninja build rebuilds when the same build folder is asked for another source
     # path, so two checkouts sharing the cache (a clone for CI, say) would take turns compiling for a minute
     key = [source.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(), str(source.resolve()).encode()]

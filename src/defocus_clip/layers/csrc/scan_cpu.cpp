@@ -38,6 +38,14 @@
 #include <type_traits>
 #include <vector>
 
+// DEFOCUS_ABLATE, for the benchmarks only (`python -m defocus_clip.bench.towers --ablate`): 1 leaves the selective
+// scan core out of the chain (forward and backward), 2 the whole chain. Such builds compute wrong results; they measure
+// what the rest of a layer costs, i.e. how fast the tower could be if those parts were free.
+#ifndef DEFOCUS_ABLATE
+#define DEFOCUS_ABLATE 0
+#endif
+constexpr int kAblate = DEFOCUS_ABLATE;
+
 namespace {
 
 constexpr float kGroupEps = 1e-6f;
@@ -688,6 +696,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
   const float* pz = z.data_ptr<float>();
   const int64_t zsb = z.stride(0), zs = z.stride(1);  // z may be a view of the in_proj output (rows of stride 2D)
   float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>();
+  if constexpr (kAblate >= 2) return {out.zero_(), yraw.zero_()};
   const float inv_scale = 1.f / (float)delta_scale;
   at::parallel_for(0, Bt * blk.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ub(L * W), dlb(L * W), yb(L * W), av(N * kW);  // (L, W) block buffers
@@ -709,7 +718,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
         zero_pad(ubt, c0, c1);
         zero_pad(dlt, c0, c1);
       }
-      for (int64_t c = c0; c < c1; c += kW) {
+      for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {
         gather_a(pA, c, c1, N, av.data());
         grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), W, av.data(), pB + b * L * N,
                                  pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr);
@@ -757,6 +766,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
   float *pdu = du.data_ptr<float>(), *pddt = ddt.data_ptr<float>(), *pdz = dz.data_ptr<float>();
   float *pdA = dA.data_ptr<float>(), *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
   float *pdD = dD.data_ptr<float>(), *pds = ddt_sum.data_ptr<float>();
+  if constexpr (kAblate >= 2) return {du.zero_(), ddt.zero_(), dA, dB, dC, dD, dz.zero_(), ddt_sum};
   const float inv_scale = 1.f / (float)delta_scale;
   std::mutex mu;
   at::parallel_for(0, Bt * blk.count, 1, [&](int64_t begin, int64_t end) {
@@ -811,7 +821,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
         zero_pad(dlt, c0, c1);
         zero_pad(dyt, c0, c1);
       }
-      for (int64_t c = c0; c < c1; c += kW) {  // the scan's du and d delta overwrite dy and delta in place
+      for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {  // the scan's du and d delta overwrite dy and delta in place
         const int64_t o = c - c0;
         gather_a(pA, c, c1, N, av.data());
         std::fill(dAv.begin(), dAv.end(), 0.f);
@@ -1011,6 +1021,7 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("KERNEL_VERSION") = 2;  // 2: conv_bwd / defocus_bwd write into given buffers (layers/scan_cpu.py)
+  m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
