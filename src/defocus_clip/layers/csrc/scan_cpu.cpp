@@ -821,7 +821,8 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
         zero_pad(dlt, c0, c1);
         zero_pad(dyt, c0, c1);
       }
-      for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {  // the scan's du and d delta overwrite dy and delta in place
+      // the scan's du and d delta overwrite dy and delta in place
+      for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {
         const int64_t o = c - c0;
         gather_a(pA, c, c1, N, av.data());
         std::fill(dAv.begin(), dAv.end(), 0.f);
