@@ -943,7 +943,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
             using T = decltype(tag);
             const T zz = ld<T>(zt + c), sg = sigmoid_t(zz), s = zz * sg, uu = ld<T>(ut + c), dk = ld<T>(pD + c);
             const T yn = ld<T>(yt + c) * r, pre = yn + dk * uu, dd = ld<T>(dot_ + c), dpre = dd * s;
-            st(dzt + c, dd * pre * sg * (zz * (1.f - sg) + 1.f));
+            st_stream(dzt + c, dd * pre * sg * (zz * (1.f - sg) + 1.f));
             st(lD.data() + c, ld<T>(lD.data() + c) + dpre * uu);
             st(dskt + c, dpre * dk);  // the D-skip part of du; the scan part is added below
             if constexpr (std::is_same_v<T, vf>) dotv += dpre * yn; else dots += dpre * yn;
@@ -998,13 +998,14 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
         float *dut = pdu + row, *ddtt = pddt + row;
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
-          st(dut + c, ld<T>(dskt + c) + ld<T>(duct + c));
+          st_stream(dut + c, ld<T>(dskt + c) + ld<T>(duct + c));
           const T g = ld<T>(ddlt + c) * ld<T>(sgt + c);
-          st(ddtt + c, g);
+          st_stream(ddtt + c, g);
           st(ls.data() + c, ld<T>(ls.data() + c) + g);
         });
       }
     }
+    stream_fence();
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t k = 0; k < D * N; ++k) pdA[k] += lA[k];
     for (int64_t k = 0; k < D; ++k) {
