@@ -234,6 +234,37 @@ def test_kernels_write_gradients_into_given_halves():
 
 
 @needs_cpp
+@pytest.mark.parametrize("bt,length,d,rank,group", [(2, 7, 40, 5, 8), (3, 50, 96, 6, 12), (1, 3, 1000, 48, 0),
+                                                     (2, 13, 64, 48, 64)])
+def test_chain_computes_dt_from_dt_proj(bt, length, d, rank, group):
+    """With dt_proj's weight and bias, the kernel takes dt's low-rank input (a slice of the x_proj output) and computes
+    dt per channel block itself, forward and backward: the same outputs and gradients as with dt given, computed in
+    float64. Tiles of 6 tokens x 4 vectors with token and vector tails (L = 3, 7, 13, 50), D not a multiple of the
+    vector width (40, 1000), groups that split vectors (12)."""
+    mod = scan_cpu._module()
+    g = torch.Generator().manual_seed(11)
+    n = 16
+    xdbl = torch.randn(bt, length, rank + 2 * n, generator=g)
+    w, b = torch.randn(d, rank, generator=g) / rank**0.5, torch.randn(d, generator=g) - 1
+    dt = (xdbl[..., :rank].double() @ w.double().t() + b.double()).float()
+    u, z = torch.randn(bt, length, d, generator=g), torch.randn(bt, length, 2 * d, generator=g)[..., d:]
+    A, Dk, f = -torch.rand(d, n, generator=g) * 3 - 0.1, torch.randn(d, generator=g), torch.rand(n, generator=g)
+    common = (A, xdbl[..., rank:rank + n], xdbl[..., rank + n:], Dk, z, group, 1.5, f, 1.0)
+    out, yraw = mod.defocus_fwd(u, dt, *common)
+    out_lr, yraw_lr = mod.defocus_fwd(u, xdbl[..., :rank], *common, dt_weight=w, dt_bias=b)
+    assert rel_err(out_lr, out) < 1e-5 and rel_err(yraw_lr, yraw) < 1e-5
+    dout = torch.randn(bt, length, d, generator=g)
+    full = mod.defocus_bwd(u, dt, *common[:-4], yraw, dout, *common[-4:])
+    low = mod.defocus_bwd(u, xdbl[..., :rank], *common[:-4], yraw, dout, *common[-4:], dt_weight=w, dt_bias=b)
+    for name, ours, theirs in zip("du ddt dA dB dC dD dz ddt_sum dfreq".split(), low, full):
+        assert rel_err(ours, theirs) < 1e-5, name
+    with pytest.raises(RuntimeError, match="with dt_proj, dt must be its float32 \\(Bt, L, R\\) input"):
+        mod.defocus_fwd(u, dt, *common, dt_weight=w, dt_bias=b)
+    with pytest.raises(RuntimeError, match="dt_proj weight must be \\(D, R\\)"):
+        mod.defocus_fwd(u, xdbl[..., :rank], *common, dt_weight=w[1:], dt_bias=b[1:])
+
+
+@needs_cpp
 def test_causal_conv_is_causal():
     """Changing token s changes no output before s."""
     g = torch.Generator().manual_seed(8)

@@ -202,8 +202,10 @@ class _MixerCoreFn(torch.autograd.Function):
     """The middle of a De-focus Mamba mixer as one autograd node: causal conv + SiLU, x_proj, dt_proj and the fused
     chain. Why one node: its backward writes the gradients of the u and z halves of the in_proj output straight into
     one (Bt, L, 2D) buffer and adds x_proj's gradient of u into the chain's in place (`addmm_`), where a node per op
-    costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients of u per layer. It
-    also takes dt_proj's bias gradient from the kernel (summed while ddt is written) instead of another pass."""
+    costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients of u per layer. The
+    kernel computes dt_proj itself, per channel block from its rank-R input, in the forward and again in the
+    backward: the (Bt, L, D) dt is neither written, read nor saved. The kernel also returns dt_proj's bias gradient
+    (summed while ddt is written); ddt still goes to MKL for the weight and input gradients."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, freq, group_size, delta_scale,
@@ -213,11 +215,11 @@ class _MixerCoreFn(torch.autograd.Function):
         n = (xproj_w.shape[0] - r) // 2
         u = mod.conv_fwd(xz[..., :d], conv_w, conv_b)[0]  # (Bt, L, D) contiguous
         xdbl = torch.matmul(u, xproj_w.t())  # (Bt, L, R + 2N): dt (low rank), B, C
-        dt = torch.addmm(dtproj_b, xdbl.view(-1, xdbl.shape[-1])[:, :r], dtproj_w.t()).view(u.shape)
         f = freq if freq is not None else u.new_empty(0)
+        dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
         out, yraw = mod.defocus_fwd(u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], group_size,
-                                    delta_scale, f, rope_scale)
-        ctx.save_for_backward(xz, conv_w, conv_b, xproj_w, dtproj_w, A, Dskip, f, u, xdbl, dt, yraw)
+                                    delta_scale, f, rope_scale, *dtproj)
+        ctx.save_for_backward(xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, f, u, xdbl, yraw)
         ctx.args = (group_size, delta_scale, rope_scale)
         ctx.has_freq = freq is not None
         return out
@@ -225,14 +227,15 @@ class _MixerCoreFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         mod = _module()
-        xz, conv_w, conv_b, xproj_w, dtproj_w, A, Dskip, f, u, xdbl, dt, yraw = ctx.saved_tensors
+        xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, f, u, xdbl, yraw = ctx.saved_tensors
         group_size, delta_scale, rope_scale = ctx.args
         d, r = xz.shape[-1] // 2, dtproj_w.shape[1]
         n = (xproj_w.shape[0] - r) // 2
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
+        dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
         du, ddt, dA, dB, dC, dD, _, ddt_sum, dfreq = mod.defocus_bwd(
             u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], yraw, dout.contiguous(), group_size,
-            delta_scale, f, rope_scale, dz=dxz[..., d:],
+            delta_scale, f, rope_scale, dxz[..., d:], *dtproj,
         )
         ddt2, xdbl2, du2 = ddt.view(-1, d), xdbl.view(-1, xdbl.shape[-1]), du.view(-1, d)
         dxdbl = torch.empty_like(xdbl2)
@@ -245,6 +248,15 @@ class _MixerCoreFn(torch.autograd.Function):
         _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])
         return (dxz, dconv_w, dconv_b, d_xproj_w, d_dtproj_w, ddt_sum, dA, dD, dfreq if ctx.has_freq else None,
                 None, None, None)
+
+
+def _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, shape):
+    """What the chain takes as dt: dt_proj's low-rank input and its weights, from which the kernel computes dt per
+    channel block (KERNEL_VERSION >= 3; the (Bt, L, D) dt never exists), or, for builds of older sources swapped in by
+    the benchmarks' --compare-source, dt itself."""
+    if getattr(mod, "KERNEL_VERSION", 1) >= 3:
+        return xdbl[..., :r], (dtproj_w, dtproj_b)
+    return torch.addmm(dtproj_b, xdbl.view(-1, xdbl.shape[-1])[:, :r], dtproj_w.t()).view(shape), ()
 
 
 def mixer_core_available() -> bool:

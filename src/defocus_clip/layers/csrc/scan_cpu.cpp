@@ -821,8 +821,87 @@ inline void zero_pad(float* row, int64_t c0, int64_t c1) {
   for (int64_t c = c1; c < c0 + (c1 - c0 + kW - 1) / kW * kW; ++c) row[c] = 0.f;
 }
 
+// Where the chain reads dt (before softplus): the (Bt, L, D) tensor, or, with dt_proj given, computed per block into
+// the block's delta buffer from the low-rank input (Bt, L, R) (the first R columns of the x_proj output) and dt_proj's
+// weight (D, R) and bias. Why: dt_proj's output is the widest tensor of the mixer that only the chain reads; as an
+// MKL matmul with K = R = 48 it ran at a third of the speed of the other linears, its (Bt, L, D) output was written
+// once and read twice (forward, backward), and saved for the backward.
+struct DtSource {
+  const float* full = nullptr;  // (Bt, L, D), contiguous; nullptr: low rank
+  const float* x = nullptr;     // (Bt, L, R), rows of stride xs, images of stride xsb
+  int64_t xsb = 0, xs = 0, R = 0, ws = 0;
+  fvec wt, bias;  // weight transposed (R, ws), bias (ws): zero-padded to ws = D + kW columns (vector tails)
+};
+
+DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch::Tensor& bias) {
+  DtSource src;
+  if (w.numel() == 0) {
+    src.full = dt.data_ptr<float>();
+    return src;
+  }
+  const int64_t D = w.size(0), R = w.size(1);
+  src.x = dt.data_ptr<float>();
+  src.xsb = dt.stride(0);
+  src.xs = dt.stride(1);
+  src.R = R;
+  src.ws = D + kW;
+  src.wt.assign(R * src.ws, 0.f);
+  src.bias.assign(src.ws, 0.f);
+  const float *pw = w.data_ptr<float>(), *pb = bias.data_ptr<float>();
+  for (int64_t c = 0; c < D; ++c) {
+    for (int64_t r = 0; r < R; ++r) src.wt[r * src.ws + c] = pw[c * R + r];
+    src.bias[c] = pb[c];
+  }
+  return src;
+}
+
+// out[i, v] = bias + sum_r x[i, r] wt[r, v] for TT tokens (rows of x at stride xs, of out at stride os) and VV vectors
+// of channels: TT x VV accumulators in registers, one weight vector load per VV FMAs.
+template <int TT, int VV>
+inline void dt_tile(const float* x, int64_t xs, int64_t R, const float* wt, int64_t ws, const float* bias, float* out,
+                    int64_t os) {
+  vf acc[TT][VV];
+  for (int v = 0; v < VV; ++v) {
+    const vf bv = vld<vf>(bias + v * kW);
+    for (int i = 0; i < TT; ++i) acc[i][v] = bv;
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    vf w[VV];
+    for (int v = 0; v < VV; ++v) w[v] = vld<vf>(wt + r * ws + v * kW);
+    for (int i = 0; i < TT; ++i) {
+      const float xi = x[i * xs + r];
+      for (int v = 0; v < VV; ++v) acc[i][v] += w[v] * xi;
+    }
+  }
+  for (int i = 0; i < TT; ++i)
+    for (int v = 0; v < VV; ++v) vst(out + i * os + v * kW, acc[i][v]);
+}
+
+// dt of channels [c0, c1) of image b, all L tokens, into the (L, W) block buffer (whole vectors: the pad lanes get
+// the next channels' values or zeros, and are zeroed after the softplus like every pad lane).
+inline void dt_block(const DtSource& src, int64_t b, int64_t L, int64_t c0, int64_t c1, float* out, int64_t W) {
+  constexpr int TT = kW == 16 ? 6 : 4, VV = kW == 16 ? 4 : 2;  // 24 of 32 zmm / 8 of 16 ymm accumulators
+  const int64_t nv = (c1 - c0 + kW - 1) / kW, R = src.R, ws = src.ws;
+  const float *x = src.x + b * src.xsb, *wt = src.wt.data() + c0, *bias = src.bias.data() + c0;
+  int64_t t = 0;
+  for (; t + TT <= L; t += TT) {
+    int64_t v = 0;
+    for (; v + VV <= nv; v += VV)
+      dt_tile<TT, VV>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
+    for (; v < nv; ++v)
+      dt_tile<TT, 1>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
+  }
+  for (; t < L; ++t) {
+    int64_t v = 0;
+    for (; v + VV <= nv; v += VV)
+      dt_tile<1, VV>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
+    for (; v < nv; ++v)
+      dt_tile<1, 1>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
+  }
+}
+
 template <int NC>
-std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
+std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, int64_t G,
                                             double delta_scale) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
@@ -830,7 +909,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
   const int64_t W = blk.padded;
   auto out = torch::empty({Bt, L, D}, u.options());
   auto yraw = torch::empty({Bt, L, D}, u.options());  // the scan output: saved for the backward
-  const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
+  const float *pu = u.data_ptr<float>(), *pdt = dts.full, *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float* pz = z.data_ptr<float>();
   const int64_t zsb = z.stride(0), zs = z.stride(1);  // z may be a view of the in_proj output (rows of stride 2D)
@@ -842,12 +921,13 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;  // group-norm segments of the block (one without the norm)
+      if (!pdt) dt_block(dts, b, L, c0, c1, dlb.data(), W);  // softplus'ed in place below
       for (int64_t t = 0; t < L; ++t) {
-        const float *ut = pu + (b * L + t) * D, *dtt = pdt + (b * L + t) * D;
         float *ubt = ub.data() + t * W - c0, *dlt = dlb.data() + t * W - c0;
+        const float *ut = pu + (b * L + t) * D, *dtt = pdt ? pdt + (b * L + t) * D : dlt;
         if (t + 2 < L) {
           prefetch(ut + 2 * D + c0, c1 - c0);
-          prefetch(dtt + 2 * D + c0, c1 - c0);
+          if (pdt) prefetch(dtt + 2 * D + c0, c1 - c0);
         }
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
@@ -887,7 +967,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, torch::Tensor dt, t
 }
 
 template <int NC>
-std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bl,
+std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                             torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor dz) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
@@ -898,7 +978,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
   auto dA = torch::zeros_like(A), dB = torch::zeros_like(Bl), dC = torch::zeros_like(Cl);
   auto dD = torch::zeros_like(Dskip), ddt_sum = torch::zeros_like(Dskip);  // ddt summed over images and tokens
   const int64_t dzsb = dz.stride(0), dzs = dz.stride(1);
-  const float *pu = u.data_ptr<float>(), *pdt = dt.data_ptr<float>(), *pA = A.data_ptr<float>();
+  const float *pu = u.data_ptr<float>(), *pdt = dts.full, *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float *pz = z.data_ptr<float>(), *py = yraw.data_ptr<float>(), *pdo = dout.data_ptr<float>();
   const int64_t zsb = z.stride(0), zs = z.stride(1);
@@ -925,14 +1005,17 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, torch::Tensor dt, t
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;
+      if (!pdt) dt_block(dts, b, L, c0, c1, dlb.data(), W);  // read, then overwritten by delta, below
       // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token and segment
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (b * L + t) * D, o = t * W - c0;
-        const float *yt = py + row, *ut = pu + row, *dtt = pdt + row, *dot_ = pdo + row, *zt = pz + b * zsb + t * zs;
         float *dzt = pdz + b * dzsb + t * dzs, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
         float *ubt = ub.data() + o, *dlt = dlb.data() + o, *dyt = dyb.data() + o;
+        const float *yt = py + row, *ut = pu + row, *dtt = pdt ? pdt + row : dlt, *dot_ = pdo + row;
+        const float* zt = pz + b * zsb + t * zs;
         if (t + 2 < L)
-          for (const float* p : {yt, ut, dtt, dot_}) prefetch(p + 2 * D + c0, c1 - c0);
+          for (const float* p : {yt, ut, pdt ? dtt : nullptr, dot_})
+            if (p) prefetch(p + 2 * D + c0, c1 - c0);
         if (t + 2 < L) prefetch(zt + 2 * zs + c0, c1 - c0);
         for (int64_t s0 = c0; s0 < c1; s0 += seg) {
           const int64_t s1 = std::min(c1, s0 + seg);
@@ -1115,11 +1198,27 @@ std::vector<torch::Tensor> scan_bwd(torch::Tensor u, torch::Tensor delta, torch:
   return DISPATCH_N(A.size(1), scan_bwd_impl, u, delta, A, Bl, Cl, dy);
 }
 
+torch::Tensor or_empty(const c10::optional<torch::Tensor>& t, const torch::Tensor& like) {
+  return t.has_value() && t->defined() ? *t : torch::empty({0}, like.options());
+}
+
+// dt_w, dt_b: empty (dt is (Bt, L, D)), or dt_proj's weight (D, R) and bias (D,), dt then its low-rank input
+// (Bt, L, R) with unit inner stride (a slice of the x_proj output).
 void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch::Tensor& A, const torch::Tensor& Bx,
                    const torch::Tensor& Cx, const torch::Tensor& Dskip, const torch::Tensor& z, int64_t G,
-                   const torch::Tensor& freq) {
+                   const torch::Tensor& freq, const torch::Tensor& dt_w, const torch::Tensor& dt_b) {
   check(u, "u", 3);
-  check(dt, "dt", 3);
+  if (dt_w.numel() == 0) {
+    check(dt, "dt", 3);
+    TORCH_CHECK(dt.sizes() == u.sizes(), "dt must be (Bt, L, D) like u");
+  } else {
+    check(dt_w, "dt_proj weight", 2);
+    check(dt_b, "dt_proj bias", 1);
+    TORCH_CHECK(dt_w.size(0) == u.size(2) && dt_b.size(0) == u.size(2), "dt_proj weight must be (D, R), bias (D,)");
+    TORCH_CHECK(dt.device().is_cpu() && dt.scalar_type() == torch::kFloat32 && dt.dim() == 3 && dt.stride(2) == 1 &&
+                    dt.size(0) == u.size(0) && dt.size(1) == u.size(1) && dt.size(2) == dt_w.size(1),
+                "with dt_proj, dt must be its float32 (Bt, L, R) input with unit inner stride");
+  }
   check(A, "A", 2);
   check(Dskip, "D", 1);
   for (const auto* x : {&z, &Bx, &Cx})
@@ -1129,7 +1228,6 @@ void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch:
   TORCH_CHECK(A.size(0) == D && N <= 256, "A must be (D, N) with N <= 256");
   TORCH_CHECK(Bx.size(0) == Bt && Bx.size(1) == L && Bx.size(2) == N, "B must be (Bt, L, N)");
   TORCH_CHECK(Cx.sizes() == Bx.sizes(), "C must be (Bt, L, N)");
-  TORCH_CHECK(dt.sizes() == u.sizes(), "dt must be (Bt, L, D) like u");
   TORCH_CHECK(z.size(0) == Bt && z.size(1) == L && z.size(2) == D, "z must be (Bt, L, D)");
   TORCH_CHECK(Dskip.size(0) == D, "D must be (D,)");
   TORCH_CHECK(G >= 0 && (G == 0 || D % G == 0), "group size must divide D");
@@ -1141,19 +1239,24 @@ void check_defocus(const torch::Tensor& u, const torch::Tensor& dt, const torch:
 
 std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bx,
                                        torch::Tensor Cx, torch::Tensor Dskip, torch::Tensor z, int64_t G,
-                                       double delta_scale, torch::Tensor freq, double rope_scale) {
-  check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq);
+                                       double delta_scale, torch::Tensor freq, double rope_scale,
+                                       c10::optional<torch::Tensor> dt_weight, c10::optional<torch::Tensor> dt_bias) {
+  const auto dt_w = or_empty(dt_weight, u), dt_b = or_empty(dt_bias, u);
+  check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq, dt_w, dt_b);
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  return DISPATCH_NC(A.size(1), defocus_fwd_impl, u, dt, A, Bl, Cl, Dskip, z, G, delta_scale);
+  const DtSource dts = dt_source(dt, dt_w, dt_b);
+  return DISPATCH_NC(A.size(1), defocus_fwd_impl, u, dts, A, Bl, Cl, Dskip, z, G, delta_scale);
 }
 
 std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor Bx,
                                        torch::Tensor Cx, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                        torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor freq,
-                                       double rope_scale, c10::optional<torch::Tensor> dz_out) {
-  check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq);
+                                       double rope_scale, c10::optional<torch::Tensor> dz_out,
+                                       c10::optional<torch::Tensor> dt_weight, c10::optional<torch::Tensor> dt_bias) {
+  const auto dt_w = or_empty(dt_weight, u), dt_b = or_empty(dt_bias, u);
+  check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq, dt_w, dt_b);
   check(yraw, "yraw", 3);
   check(dout, "dout", 3);
   TORCH_CHECK(yraw.sizes() == u.sizes() && dout.sizes() == u.sizes(), "yraw and dout must be (Bt, L, D) like u");
@@ -1161,7 +1264,8 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dt, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale, dz);
+  const DtSource dts = dt_source(dt, dt_w, dt_b);
+  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dts, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale, dz);
   std::vector<double> df(A.size(1), 0.0);
   rope_backward(Bx, g[3], cs, sn, rope_scale, df);
   rope_backward(Cx, g[4], cs, sn, rope_scale, df);
@@ -1174,18 +1278,23 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("KERNEL_VERSION") = 2;  // 2: conv_bwd / defocus_bwd write into given buffers (layers/scan_cpu.py)
+  // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj (layers/scan_cpu.py)
+  m.attr("KERNEL_VERSION") = 3;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dout"), py::arg("dx") = py::none());
-  m.def("defocus_fwd", &defocus_fwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward");
+  m.def("defocus_fwd", &defocus_fwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward",
+        py::arg("u"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("group_size"), py::arg("delta_scale"), py::arg("freq"), py::arg("rope_scale"),
+        py::arg("dt_weight") = py::none(), py::arg("dt_bias") = py::none());
   m.def("defocus_bwd", &defocus_bwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: backward",
         py::arg("u"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("yraw"), py::arg("dout"), py::arg("group_size"), py::arg("delta_scale"), py::arg("freq"),
-        py::arg("rope_scale"), py::arg("dz") = py::none());
+        py::arg("rope_scale"), py::arg("dz") = py::none(), py::arg("dt_weight") = py::none(),
+        py::arg("dt_bias") = py::none());
   m.def("rms_fwd", &rms_fwd, "RMSNorm over the last dim of (R, C): forward, returns (y, rstd)");
   m.def("rms_bwd", &rms_bwd, "RMSNorm over the last dim of (R, C): backward, returns (dx, dweight)");
 }
