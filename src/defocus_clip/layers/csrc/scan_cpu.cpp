@@ -951,13 +951,10 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
         grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), W, av.data(), pB + b * L * N,
                                  pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr);
       }
-      for (int64_t t = 0; t < L; ++t) {
-        const float *ybt = yb.data() + t * W - c0, *ut = pu + (b * L + t) * D, *zt = pz + b * zsb + t * zs;
+      for (int64_t t = 0; t < L; ++t) {  // u from the block buffer: one pass over u in global memory, not two
+        const float *ybt = yb.data() + t * W - c0, *ut = ub.data() + t * W - c0, *zt = pz + b * zsb + t * zs;
         float *ot = po + (b * L + t) * D, *yt = py + (b * L + t) * D;
-        if (t + 2 < L) {
-          prefetch(ut + 2 * D + c0, c1 - c0);
-          prefetch(zt + 2 * zs + c0, c1 - c0);
-        }
+        if (t + 2 < L) prefetch(zt + 2 * zs + c0, c1 - c0);
         for (int64_t s0 = c0; s0 < c1; s0 += seg) {
           const int64_t s1 = std::min(c1, s0 + seg);
           const float r = G > 0 ? 1.f / std::sqrt(sum_squares(ybt, s0, s1) / (float)(s1 - s0) + kGroupEps) : 1.f;
