@@ -171,8 +171,8 @@ class _DefocusChainFn(torch.autograd.Function):
         group_size, delta_scale, rope_scale = ctx.args
         grads = _module().defocus_bwd(u, dt, A, B, C, D, z, yraw, dout.contiguous(), group_size, delta_scale, f,
                                       rope_scale)
-        # du, ddt, dA, dB, dC, dD, dz, then (this kernel's) the column sums of ddt, and dfreq last
-        return (*grads[:7], grads[-1] if ctx.has_freq else None, None, None, None)
+        # du, ddt, dA, dB, dC, dD, dz, then (this kernel's) the column sums of ddt, and dfreq
+        return (*grads[:7], grads[8] if ctx.has_freq else None, None, None, None)
 
 
 def defocus_chain_cpp(
@@ -204,8 +204,8 @@ class _MixerCoreFn(torch.autograd.Function):
     one (Bt, L, 2D) buffer and adds x_proj's gradient of u into the chain's in place (`addmm_`), where a node per op
     costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients of u per layer. The
     kernel computes dt_proj itself, per channel block from its rank-R input, in the forward and again in the
-    backward: the (Bt, L, D) dt is neither written, read nor saved. The kernel also returns dt_proj's bias gradient
-    (summed while ddt is written); ddt still goes to MKL for the weight and input gradients."""
+    backward: the (Bt, L, D) dt is neither written, read nor saved; nor is ddt: the kernel returns dt_proj's input,
+    weight and bias gradients, formed per channel block from ddt while it is in cache."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, freq, group_size, delta_scale,
@@ -233,16 +233,20 @@ class _MixerCoreFn(torch.autograd.Function):
         n = (xproj_w.shape[0] - r) // 2
         dxz = torch.empty_like(xz, memory_format=torch.contiguous_format)
         dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
-        du, ddt, dA, dB, dC, dD, _, ddt_sum, dfreq = mod.defocus_bwd(
+        du, ddt, dA, dB, dC, dD, _, ddt_sum, dfreq, *d_lowrank = mod.defocus_bwd(
             u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], yraw, dout.contiguous(), group_size,
             delta_scale, f, rope_scale, dxz[..., d:], *dtproj,
         )
-        ddt2, xdbl2, du2 = ddt.view(-1, d), xdbl.view(-1, xdbl.shape[-1]), du.view(-1, d)
+        xdbl2, du2 = xdbl.view(-1, xdbl.shape[-1]), du.view(-1, d)
         dxdbl = torch.empty_like(xdbl2)
-        dxdbl[:, :r] = ddt2 @ dtproj_w  # (Bt L, R): small next to the (Bt, L, D) tensors
+        if d_lowrank and d_lowrank[0].numel():  # the kernel formed dt_proj's gradients from ddt (never written)
+            dxdbl[:, :r] = d_lowrank[0].view(-1, r)
+            d_dtproj_w = d_lowrank[1]
+        else:
+            dxdbl[:, :r] = ddt.view(-1, d) @ dtproj_w  # (Bt L, R): small next to the (Bt, L, D) tensors
+            d_dtproj_w = ddt.view(-1, d).t() @ xdbl2[:, :r]
         dxdbl[:, r:r + n] = dB.view(-1, n)
         dxdbl[:, r + n:] = dC.view(-1, n)
-        d_dtproj_w = ddt2.t() @ xdbl2[:, :r]
         d_xproj_w = dxdbl.t() @ u.view(-1, d)
         du2.addmm_(dxdbl, xproj_w)  # the chain's du + x_proj's, in place
         _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])

@@ -830,8 +830,9 @@ inline void zero_pad(float* row, int64_t c0, int64_t c1) {
 struct DtSource {
   const float* full = nullptr;  // (Bt, L, D), contiguous; nullptr: low rank
   const float* x = nullptr;     // (Bt, L, R), rows of stride xs, images of stride xsb
-  int64_t xsb = 0, xs = 0, R = 0, ws = 0;
+  int64_t xsb = 0, xs = 0, R = 0, ws = 0, rp = 0;
   fvec wt, bias;  // weight transposed (R, ws), bias (ws): zero-padded to ws = D + kW columns (vector tails)
+  fvec w;         // weight (D, rp), rows zero-padded to rp = R rounded up to kW (the backward's products)
 };
 
 DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch::Tensor& bias) {
@@ -849,11 +850,53 @@ DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch:
   src.wt.assign(R * src.ws, 0.f);
   src.bias.assign(src.ws, 0.f);
   const float *pw = w.data_ptr<float>(), *pb = bias.data_ptr<float>();
+  src.rp = (R + kW - 1) / kW * kW;
+  src.w.assign(D * src.rp, 0.f);
   for (int64_t c = 0; c < D; ++c) {
-    for (int64_t r = 0; r < R; ++r) src.wt[r * src.ws + c] = pw[c * R + r];
+    for (int64_t r = 0; r < R; ++r) src.wt[r * src.ws + c] = src.w[c * src.rp + r] = pw[c * R + r];
     src.bias[c] = pb[c];
   }
   return src;
+}
+
+// acc[i, :] += sum_k a[i * as + k * ak] b[k, :] for MM rows i and RV vectors of columns (b: rows of stride bs),
+// k < K: the two products of dt_proj's backward with a block of ddt, vectorised over the R columns.
+template <int MM, int RV>
+inline void rank_tile(const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K, float* acc,
+                      int64_t accs) {
+  vf c[MM][RV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    vf bv[RV];
+    for (int v = 0; v < RV; ++v) bv[v] = vld<vf>(b + k * bs + v * kW);
+    for (int i = 0; i < MM; ++i) {
+      const float ai = a[i * as + k * ak];
+      for (int v = 0; v < RV; ++v) c[i][v] += bv[v] * ai;
+    }
+  }
+  for (int i = 0; i < MM; ++i)
+    for (int v = 0; v < RV; ++v) vst(acc + i * accs + v * kW, vld<vf>(acc + i * accs + v * kW) + c[i][v]);
+}
+
+// acc (M, rp) += a (M, K) b (K, rp): rows of a at stride as, its k at stride ak; rp/kW vectors of columns in tiles.
+inline void rank_product(const float* a, int64_t as, int64_t ak, int64_t M, const float* b, int64_t bs, int64_t K,
+                         int64_t rp, float* acc) {
+  constexpr int MM = 6;
+  for (int64_t v = 0; v < rp / kW;) {
+    const int64_t nv = std::min<int64_t>(3, rp / kW - v);
+    for (int64_t i = 0; i < M; i += MM) {
+      const int64_t mm = std::min<int64_t>(MM, M - i);
+      const float *ai = a + i * as, *bv = b + v * kW;
+      float* ci = acc + i * rp + v * kW;
+      if (mm == MM && nv == 3) rank_tile<MM, 3>(ai, as, ak, bv, bs, K, ci, rp);
+      else if (mm == MM && nv == 2) rank_tile<MM, 2>(ai, as, ak, bv, bs, K, ci, rp);
+      else if (mm == MM) rank_tile<MM, 1>(ai, as, ak, bv, bs, K, ci, rp);
+      else
+        for (int64_t r = 0; r < mm; ++r)
+          for (int64_t u = 0; u < nv; ++u)
+            rank_tile<1, 1>(ai + r * as, as, ak, bv + u * kW, bs, K, ci + r * rp + u * kW, rp);
+    }
+    v += nv;
+  }
 }
 
 // out[i, v] = bias + sum_r x[i, r] wt[r, v] for TT tokens (rows of x at stride xs, of out at stride os) and VV vectors
@@ -980,7 +1023,12 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
   const Blocks blk = chain_blocks(Bt, L, D, G);
   const int64_t W = blk.padded;
   auto du = torch::empty({Bt, L, D}, u.options());
-  auto ddt = torch::empty({Bt, L, D}, u.options());
+  // with dt_proj in the kernel, ddt stays in the block buffers: its products with dt_proj's input and weight are
+  // formed here (dx_lr (Bt, L, R), dw_lr (D, R)) instead of by two MKL matmuls reading a (Bt, L, D) ddt
+  const bool lowrank = dts.full == nullptr;
+  const int64_t R = dts.R, rp = dts.rp;
+  auto ddt = lowrank ? torch::empty({0}, u.options()) : torch::empty({Bt, L, D}, u.options());
+  auto dx_lr = torch::zeros({lowrank ? Bt : 0, L, R}, u.options()), dw_lr = torch::zeros({lowrank ? D : 0, R}, u.options());
   auto dA = torch::zeros_like(A), dB = torch::zeros_like(Bl), dC = torch::zeros_like(Cl);
   auto dD = torch::zeros_like(Dskip), ddt_sum = torch::zeros_like(Dskip);  // ddt summed over images and tokens
   const int64_t dzsb = dz.stride(0), dzs = dz.stride(1);
@@ -991,7 +1039,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
   float *pdu = du.data_ptr<float>(), *pddt = ddt.data_ptr<float>(), *pdz = dz.data_ptr<float>();
   float *pdA = dA.data_ptr<float>(), *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
   float *pdD = dD.data_ptr<float>(), *pds = ddt_sum.data_ptr<float>();
-  if constexpr (kAblate >= 2) return {du.zero_(), ddt.zero_(), dA, dB, dC, dD, dz.zero_(), ddt_sum};
+  if constexpr (kAblate >= 2) return {du.zero_(), ddt.zero_(), dA, dB, dC, dD, dz.zero_(), ddt_sum, dx_lr, dw_lr};
   const float inv_scale = 1.f / (float)delta_scale;
 #if defined(__AVX512F__)
   constexpr bool kLaneSums = NC == 16 && kW == 16;  // grp_bwd16: dB, dC summed across lanes per token
@@ -1008,6 +1056,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
         dBv(kLaneSums ? 0 : L * N * kW, 0.f), dCv(kLaneSums ? 0 : L * N * kW, 0.f);
     // per-thread sums over images / channels; lB, lC: (Bt, L, N), images b_lo..b_hi touched
     std::vector<float> lA(D * N, 0.f), lD(D, 0.f), ls(D, 0.f), lB(Bt * L * N, 0.f), lC(Bt * L * N, 0.f);
+    fvec lX(lowrank ? Bt * L * rp : 0, 0.f), lW(lowrank ? D * rp : 0, 0.f), xr(lowrank ? L * rp : 0, 0.f);
     int64_t b_lo = Bt, b_hi = -1;
     for (int64_t i = next++, j; i < items; i = j) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
@@ -1087,15 +1136,21 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
       }
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (b * L + t) * D, o = t * W - c0;
-        const float *duct = dyb.data() + o, *ddlt = dlb.data() + o, *dskt = dsk.data() + o, *sgt = sgb.data() + o;
-        float *dut = pdu + row, *ddtt = pddt + row;
+        const float *duct = dyb.data() + o, *ddlt = dlb.data() + o, *dskt = dsk.data() + o;
+        float *dut = pdu + row, *ddtt = lowrank ? sgb.data() + o : pddt + row, *sgt = sgb.data() + o;
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
           st_stream(dut + c, ld<T>(dskt + c) + ld<T>(duct + c));
           const T g = ld<T>(ddlt + c) * ld<T>(sgt + c);
-          st_stream(ddtt + c, g);
+          if (lowrank) st(ddtt + c, g); else st_stream(ddtt + c, g);  // in place of sigmoid(dt), or out
           st(ls.data() + c, ld<T>(ls.data() + c) + g);
         });
+      }
+      if (lowrank) {  // ddt of the block, (L, c1 - c0) in sgb: d x_lr[t] += ddt[t] w,  d w[c] += ddt[:, c]^T x_lr
+        for (int64_t t = 0; t < L; ++t)
+          for (int64_t r = 0; r < R; ++r) xr[t * rp + r] = dts.x[b * dts.xsb + t * dts.xs + r];
+        rank_product(sgb.data(), W, 1, L, dts.w.data() + c0 * rp, rp, c1 - c0, rp, lX.data() + b * L * rp);
+        rank_product(sgb.data(), 1, W, c1 - c0, xr.data(), rp, L, rp, lW.data() + c0 * rp);
       }
     }
     stream_fence();
@@ -1109,8 +1164,15 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
       pdB[k] += lB[k];
       pdC[k] += lC[k];
     }
+    if (lowrank) {
+      float *px = dx_lr.data_ptr<float>(), *pw = dw_lr.data_ptr<float>();
+      for (int64_t k = b_lo * L; k < (b_hi + 1) * L; ++k)
+        for (int64_t r = 0; r < R; ++r) px[k * R + r] += lX[k * rp + r];
+      for (int64_t c = 0; c < D; ++c)
+        for (int64_t r = 0; r < R; ++r) pw[c * R + r] += lW[c * rp + r];
+    }
   });
-  return {du, ddt, dA, dB, dC, dD, dz, ddt_sum};
+  return {du, ddt, dA, dB, dC, dD, dz, ddt_sum, dx_lr, dw_lr};
 }
 
 // ---- RMSNorm over the last dim, (R, C) rows: y = x rstd w, rstd = 1 / sqrt(mean(x^2) + eps) ----
@@ -1281,15 +1343,18 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
   rope_backward(Cx, g[4], cs, sn, rope_scale, df);
   auto dfreq = torch::empty({freq.numel()}, u.options());
   for (int64_t n = 0; n < freq.numel(); ++n) dfreq.data_ptr<float>()[n] = (float)df[n];
-  g.push_back(dfreq);
-  return g;  // du, ddt, dA, dB, dC, dD, dz, ddt summed over (Bt, L), dfreq (empty without RoPE)
+  g.insert(g.begin() + 8, dfreq);
+  // du, ddt, dA, dB, dC, dD, dz, ddt summed over (Bt, L), dfreq (empty without RoPE); with dt_proj: ddt empty, then
+  // the gradients of its input (Bt, L, R) and weight (D, R) (else empty)
+  return g;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj (layers/scan_cpu.py)
-  m.attr("KERNEL_VERSION") = 3;
+  // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj; 4: and returns its
+  // gradients instead of ddt (layers/scan_cpu.py)
+  m.attr("KERNEL_VERSION") = 4;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
