@@ -1028,7 +1028,8 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
   const bool lowrank = dts.full == nullptr;
   const int64_t R = dts.R, rp = dts.rp;
   auto ddt = lowrank ? torch::empty({0}, u.options()) : torch::empty({Bt, L, D}, u.options());
-  auto dx_lr = torch::zeros({lowrank ? Bt : 0, L, R}, u.options()), dw_lr = torch::zeros({lowrank ? D : 0, R}, u.options());
+  auto dx_lr = torch::zeros({lowrank ? Bt : 0, L, R}, u.options());
+  auto dw_lr = torch::zeros({lowrank ? D : 0, R}, u.options());
   auto dA = torch::zeros_like(A), dB = torch::zeros_like(Bl), dC = torch::zeros_like(Cl);
   auto dD = torch::zeros_like(Dskip), ddt_sum = torch::zeros_like(Dskip);  // ddt summed over images and tokens
   const int64_t dzsb = dz.stride(0), dzs = dz.stride(1);
@@ -1039,7 +1040,8 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
   float *pdu = du.data_ptr<float>(), *pddt = ddt.data_ptr<float>(), *pdz = dz.data_ptr<float>();
   float *pdA = dA.data_ptr<float>(), *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
   float *pdD = dD.data_ptr<float>(), *pds = ddt_sum.data_ptr<float>();
-  if constexpr (kAblate >= 2) return {du.zero_(), ddt.zero_(), dA, dB, dC, dD, dz.zero_(), ddt_sum, dx_lr, dw_lr};
+  if constexpr (kAblate >= 2)
+    return {du.zero_(), ddt.zero_(), dA, dB, dC, dD, dz.zero_(), ddt_sum, dx_lr, dw_lr};
   const float inv_scale = 1.f / (float)delta_scale;
 #if defined(__AVX512F__)
   constexpr bool kLaneSums = NC == 16 && kW == 16;  // grp_bwd16: dB, dC summed across lanes per token
