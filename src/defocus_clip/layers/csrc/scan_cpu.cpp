@@ -24,6 +24,9 @@
 //                                              x'_2i+1 = x_2i+1 cos theta_2i+1 + x_2i sin theta_2i+1
 //    B and C may be strided slices (unit inner stride) of the x_proj output; B, C are tiny (Bt, L, N), so the
 //    rotation runs once, serially, outside the parallel region (tens of eager ops fewer per layer).
+//    With dt_weight (D, R) and dt_bias (D,) given, dt is dt_proj's rank-R input (Bt, L, R) instead (a slice of the
+//    x_proj output): the kernel computes dt = dt_in dt_weight^T + dt_bias per block (DtSource), and defocus_bwd
+//    returns the gradients of dt_in and dt_weight in place of ddt, so no (Bt, L, D) dt or ddt ever exists.
 //  * rms_fwd / rms_bwd: the pre-norm of every Mamba block, RMSNorm over the last dim of (R, C), one pass each way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
