@@ -862,89 +862,60 @@ DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch:
   return src;
 }
 
-// acc[i, :] += sum_k a[i * as + k * ak] b[k, :] for MM rows i and RV vectors of columns (b: rows of stride bs),
-// k < K: the two products of dt_proj's backward with a block of ddt, vectorised over the R columns.
-template <int MM, int RV>
-inline void rank_tile(const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K, float* acc,
-                      int64_t accs) {
-  vf c[MM][RV] = {};
+// c[i, v] = init[i * is + v] + sum_k a[i * as + k * ak] b[k * bs + v] for MM rows i and NV vectors v of columns, k <
+// K (init may be c itself, or one row for all with is = 0): the small products of dt_proj inside the chain, with
+// MM x NV accumulators in registers and one vector load of b per MM x NV FMAs.
+template <int MM, int NV>
+inline void gemm_tile(const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K, const float* init,
+                      int64_t is, float* c, int64_t cs) {
+  vf acc[MM][NV];
+  for (int i = 0; i < MM; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vld<vf>(init + i * is + v * kW);
   for (int64_t k = 0; k < K; ++k) {
-    vf bv[RV];
-    for (int v = 0; v < RV; ++v) bv[v] = vld<vf>(b + k * bs + v * kW);
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vld<vf>(b + k * bs + v * kW);
     for (int i = 0; i < MM; ++i) {
       const float ai = a[i * as + k * ak];
-      for (int v = 0; v < RV; ++v) c[i][v] += bv[v] * ai;
+      for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;
     }
   }
   for (int i = 0; i < MM; ++i)
-    for (int v = 0; v < RV; ++v) vst(acc + i * accs + v * kW, vld<vf>(acc + i * accs + v * kW) + c[i][v]);
+    for (int v = 0; v < NV; ++v) vst(c + i * cs + v * kW, acc[i][v]);
 }
 
-// acc (M, rp) += a (M, K) b (K, rp): rows of a at stride as, its k at stride ak; rp/kW vectors of columns in tiles.
-inline void rank_product(const float* a, int64_t as, int64_t ak, int64_t M, const float* b, int64_t bs, int64_t K,
-                         int64_t rp, float* acc) {
-  constexpr int MM = 6;
-  for (int64_t v = 0; v < rp / kW;) {
-    const int64_t nv = std::min<int64_t>(3, rp / kW - v);
-    for (int64_t i = 0; i < M; i += MM) {
-      const int64_t mm = std::min<int64_t>(MM, M - i);
-      const float *ai = a + i * as, *bv = b + v * kW;
-      float* ci = acc + i * rp + v * kW;
-      if (mm == MM && nv == 3) rank_tile<MM, 3>(ai, as, ak, bv, bs, K, ci, rp);
-      else if (mm == MM && nv == 2) rank_tile<MM, 2>(ai, as, ak, bv, bs, K, ci, rp);
-      else if (mm == MM) rank_tile<MM, 1>(ai, as, ak, bv, bs, K, ci, rp);
-      else
-        for (int64_t r = 0; r < mm; ++r)
-          for (int64_t u = 0; u < nv; ++u)
-            rank_tile<1, 1>(ai + r * as, as, ak, bv + u * kW, bs, K, ci + r * rp + u * kW, rp);
+// c = init + a b for M rows and nv vectors of columns (strides as gemm_tile), in tiles of MM rows x NV vectors, the
+// row and vector tails in tiles of one row or one vector.
+template <int MM, int NV>
+inline void small_gemm(const float* a, int64_t as, int64_t ak, int64_t M, const float* b, int64_t bs, int64_t K,
+                       int64_t nv, const float* init, int64_t is, float* c, int64_t cs) {
+  for (int64_t i = 0; i < M; i += MM)
+    for (int64_t v = 0; v < nv; v += NV) {
+      const int64_t rows = std::min<int64_t>(MM, M - i), vecs = std::min<int64_t>(NV, nv - v);
+      const float *ai = a + i * as, *bv = b + v * kW, *ci0 = init + i * is + v * kW;
+      float* ci = c + i * cs + v * kW;
+      if (rows == MM && vecs == NV) {
+        gemm_tile<MM, NV>(ai, as, ak, bv, bs, K, ci0, is, ci, cs);
+      } else if (rows == MM) {
+        for (int64_t u = 0; u < vecs; ++u)
+          gemm_tile<MM, 1>(ai, as, ak, bv + u * kW, bs, K, ci0 + u * kW, is, ci + u * kW, cs);
+      } else if (vecs == NV) {
+        for (int64_t r = 0; r < rows; ++r)
+          gemm_tile<1, NV>(ai + r * as, as, ak, bv, bs, K, ci0 + r * is, is, ci + r * cs, cs);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t u = 0; u < vecs; ++u)
+            gemm_tile<1, 1>(ai + r * as, as, ak, bv + u * kW, bs, K, ci0 + r * is + u * kW, is, ci + r * cs + u * kW,
+                            cs);
+      }
     }
-    v += nv;
-  }
-}
-
-// out[i, v] = bias + sum_r x[i, r] wt[r, v] for TT tokens (rows of x at stride xs, of out at stride os) and VV vectors
-// of channels: TT x VV accumulators in registers, one weight vector load per VV FMAs.
-template <int TT, int VV>
-inline void dt_tile(const float* x, int64_t xs, int64_t R, const float* wt, int64_t ws, const float* bias, float* out,
-                    int64_t os) {
-  vf acc[TT][VV];
-  for (int v = 0; v < VV; ++v) {
-    const vf bv = vld<vf>(bias + v * kW);
-    for (int i = 0; i < TT; ++i) acc[i][v] = bv;
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    vf w[VV];
-    for (int v = 0; v < VV; ++v) w[v] = vld<vf>(wt + r * ws + v * kW);
-    for (int i = 0; i < TT; ++i) {
-      const float xi = x[i * xs + r];
-      for (int v = 0; v < VV; ++v) acc[i][v] += w[v] * xi;
-    }
-  }
-  for (int i = 0; i < TT; ++i)
-    for (int v = 0; v < VV; ++v) vst(out + i * os + v * kW, acc[i][v]);
 }
 
 // dt of channels [c0, c1) of image b, all L tokens, into the (L, W) block buffer (whole vectors: the pad lanes get
 // the next channels' values or zeros, and are zeroed after the softplus like every pad lane).
 inline void dt_block(const DtSource& src, int64_t b, int64_t L, int64_t c0, int64_t c1, float* out, int64_t W) {
   constexpr int TT = kW == 16 ? 6 : 4, VV = kW == 16 ? 4 : 2;  // 24 of 32 zmm / 8 of 16 ymm accumulators
-  const int64_t nv = (c1 - c0 + kW - 1) / kW, R = src.R, ws = src.ws;
-  const float *x = src.x + b * src.xsb, *wt = src.wt.data() + c0, *bias = src.bias.data() + c0;
-  int64_t t = 0;
-  for (; t + TT <= L; t += TT) {
-    int64_t v = 0;
-    for (; v + VV <= nv; v += VV)
-      dt_tile<TT, VV>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
-    for (; v < nv; ++v)
-      dt_tile<TT, 1>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
-  }
-  for (; t < L; ++t) {
-    int64_t v = 0;
-    for (; v + VV <= nv; v += VV)
-      dt_tile<1, VV>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
-    for (; v < nv; ++v)
-      dt_tile<1, 1>(x + t * src.xs, src.xs, R, wt + v * kW, ws, bias + v * kW, out + t * W + v * kW, W);
-  }
+  small_gemm<TT, VV>(src.x + b * src.xsb, src.xs, 1, L, src.wt.data() + c0, src.ws, src.R, (c1 - c0 + kW - 1) / kW,
+                     src.bias.data() + c0, 0, out, W);
 }
 
 // The chain's items (blocks of channels of one image) go to the threads one at a time, in increasing order per
@@ -1154,8 +1125,9 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
       if (lowrank) {  // ddt of the block, (L, c1 - c0) in sgb: d x_lr[t] += ddt[t] w,  d w[c] += ddt[:, c]^T x_lr
         for (int64_t t = 0; t < L; ++t)
           for (int64_t r = 0; r < R; ++r) xr[t * rp + r] = dts.x[b * dts.xsb + t * dts.xs + r];
-        rank_product(sgb.data(), W, 1, L, dts.w.data() + c0 * rp, rp, c1 - c0, rp, lX.data() + b * L * rp);
-        rank_product(sgb.data(), 1, W, c1 - c0, xr.data(), rp, L, rp, lW.data() + c0 * rp);
+        float *dx = lX.data() + b * L * rp, *dw = lW.data() + c0 * rp;
+        small_gemm<6, 3>(sgb.data(), W, 1, L, dts.w.data() + c0 * rp, rp, c1 - c0, rp / kW, dx, rp, dx, rp);
+        small_gemm<6, 3>(sgb.data(), 1, W, c1 - c0, xr.data(), rp, L, rp / kW, dw, rp, dw, rp);
       }
     }
     stream_fence();
