@@ -835,10 +835,10 @@ struct DtSource {
   const float* x = nullptr;     // (Bt, L, R), rows of stride xs, images of stride xsb
   int64_t xsb = 0, xs = 0, R = 0, ws = 0, rp = 0;
   fvec wt, bias;  // weight transposed (R, ws), bias (ws): zero-padded to ws = D + kW columns (vector tails)
-  fvec w;         // weight (D, rp), rows zero-padded to rp = R rounded up to kW (the backward's products)
+  fvec w;         // backward only: weight (D, rp), rows zero-padded to rp = R rounded up to kW (its products)
 };
 
-DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch::Tensor& bias) {
+DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch::Tensor& bias, bool backward) {
   DtSource src;
   if (w.numel() == 0) {
     src.full = dt.data_ptr<float>();
@@ -854,9 +854,11 @@ DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch:
   src.bias.assign(src.ws, 0.f);
   const float *pw = w.data_ptr<float>(), *pb = bias.data_ptr<float>();
   src.rp = (R + kW - 1) / kW * kW;
-  src.w.assign(D * src.rp, 0.f);
+  if (backward) src.w.assign(D * src.rp, 0.f);
   for (int64_t c = 0; c < D; ++c) {
-    for (int64_t r = 0; r < R; ++r) src.wt[r * src.ws + c] = src.w[c * src.rp + r] = pw[c * R + r];
+    for (int64_t r = 0; r < R; ++r) src.wt[r * src.ws + c] = pw[c * R + r];
+    if (backward)
+      for (int64_t r = 0; r < R; ++r) src.w[c * src.rp + r] = pw[c * R + r];
     src.bias[c] = pb[c];
   }
   return src;
@@ -1033,7 +1035,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
     // per-thread sums over images / channels; lB, lC: (Bt, L, N), images b_lo..b_hi touched
     std::vector<float> lA(D * N, 0.f), lD(D, 0.f), ls(D, 0.f), lB(Bt * L * N, 0.f), lC(Bt * L * N, 0.f);
     fvec lX(lowrank ? Bt * L * rp : 0, 0.f), lW(lowrank ? D * rp : 0, 0.f), xr(lowrank ? L * rp : 0, 0.f);
-    int64_t b_lo = Bt, b_hi = -1;
+    int64_t b_lo = Bt, b_hi = -1, xr_b = -1;  // xr holds x_lr of image xr_b
     for (int64_t i = next++, j; i < items; i = j) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;
@@ -1123,8 +1125,11 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
         });
       }
       if (lowrank) {  // ddt of the block, (L, c1 - c0) in sgb: d x_lr[t] += ddt[t] w,  d w[c] += ddt[:, c]^T x_lr
-        for (int64_t t = 0; t < L; ++t)
-          for (int64_t r = 0; r < R; ++r) xr[t * rp + r] = dts.x[b * dts.xsb + t * dts.xs + r];
+        if (xr_b != b) {  // once per image: a thread often takes several blocks of one image in a row
+          for (int64_t t = 0; t < L; ++t)
+            for (int64_t r = 0; r < R; ++r) xr[t * rp + r] = dts.x[b * dts.xsb + t * dts.xs + r];
+          xr_b = b;
+        }
         float *dx = lX.data() + b * L * rp, *dw = lW.data() + c0 * rp;
         small_gemm<6, 3>(sgb.data(), W, 1, L, dts.w.data() + c0 * rp, rp, c1 - c0, rp / kW, dx, rp, dx, rp);
         small_gemm<6, 3>(sgb.data(), 1, W, c1 - c0, xr.data(), rp, L, rp / kW, dw, rp, dw, rp);
@@ -1295,7 +1300,7 @@ std::vector<torch::Tensor> defocus_fwd(torch::Tensor u, torch::Tensor dt, torch:
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  const DtSource dts = dt_source(dt, dt_w, dt_b);
+  const DtSource dts = dt_source(dt, dt_w, dt_b, false);
   return DISPATCH_NC(A.size(1), defocus_fwd_impl, u, dts, A, Bl, Cl, Dskip, z, G, delta_scale);
 }
 
@@ -1313,7 +1318,7 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
-  const DtSource dts = dt_source(dt, dt_w, dt_b);
+  const DtSource dts = dt_source(dt, dt_w, dt_b, true);
   auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dts, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale, dz);
   std::vector<double> df(A.size(1), 0.0);
   rope_backward(Bx, g[3], cs, sn, rope_scale, df);
