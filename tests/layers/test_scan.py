@@ -183,11 +183,13 @@ def conv_reference(x, weight, bias):
 
 @needs_cpp
 @pytest.mark.parametrize(
-    "bt,length,d,k", [(2, 9, 8, 4), (2, 3, 13, 4), (1, 1, 5, 4), (3, 2, 16, 4), (2, 6, 21, 2), (2, 5, 600, 4)]
+    "bt,length,d,k",
+    [(2, 9, 8, 4), (2, 3, 13, 4), (1, 1, 5, 4), (3, 2, 16, 4), (2, 6, 21, 2), (2, 5, 600, 4), (2, 11, 37, 7),
+     (1, 4, 18, 7)],
 )
 def test_causal_conv_silu_matches_float64_conv1d(bt, length, d, k):
     """Outputs and gradients of x (read as the u half of a wider in_proj output), weight and bias; L < K included;
-    600 channels span several of the backward's 256-channel blocks per thread."""
+    K = 4 (compiled for it) and other K; channel counts with vector tails and several threads' channel ranges."""
     g = torch.Generator().manual_seed(7)
     xz = torch.randn(bt, length + 1, 2 * d, generator=g, requires_grad=True)  # u = xz[:, 1:, :d]: every stride odd
     w = (torch.randn(d, k, generator=g) * 0.7).requires_grad_()
@@ -229,6 +231,8 @@ def test_kernels_write_gradients_into_given_halves():
     assert torch.allclose(own[7], own[1].sum((0, 1)), rtol=1e-5, atol=1e-6)  # the column sums of ddt
     with pytest.raises(RuntimeError, match="conv dx must be a float32 CPU tensor of the input's shape"):
         mod.conv_bwd(xz[..., :d], w, b, dout, dx=torch.empty(bt, length, d + 1))
+    with pytest.raises(RuntimeError, match=r"conv kernel size must be in \[1, 64\], got 65"):
+        mod.conv_fwd(xz[..., :d], torch.randn(d, 65), b)
     with pytest.raises(RuntimeError, match="dz must be a float32 CPU tensor"):
         mod.defocus_bwd(*args, dz=torch.empty(bt, length, d, dtype=torch.float64))
 

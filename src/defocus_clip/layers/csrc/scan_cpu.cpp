@@ -440,17 +440,64 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
 
 // ---- causal depthwise conv + bias + SiLU, (Bt, L, D) ----
 //   pre_t = bias + sum_k w_k x_{t + k - (K - 1)} (x_j = 0 for j < 0),  out_t = silu(pre_t)
-// Parallel over blocks of kW channels: every thread owns its channels, so dw and dbias need no reduction.
+// Parallel over blocks of kW channels: every thread owns its channels, so dw and dbias need no reduction. KC: K at
+// compile time (4: the Mamba models; the taps unroll), 0: any K up to kMaxConv.
+// The forward runs token-major (rows of the block are contiguous: the hardware prefetchers follow them). The backward
+// sweeps one column (kW channels of one image) from t = 0 to L - 1 with the last K inputs and gradients in registers:
+// g, dw, dbias and dx in one pass, where token-major passes through a (L, 256) buffer of g ran at 140 cycles per
+// vector (B/32 shapes, 1 thread: 9.5 -> 6.3 ms; column sweeps in the forward were slower than its rows).
 
-template <class T>
-inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias, int64_t D, int64_t K, int64_t t,
+constexpr int kMaxConv = 64;
+constexpr int64_t kConvAhead = 6;  // rows of software prefetch: the rows of a column are D or 2D floats apart, beyond
+                                   // the reach of the hardware prefetchers
+
+// pre_t of kW channels (T = vf) or one (T = float) at c; Full: all K taps exist (t >= K - 1), else only k >= K - 1 - t.
+template <int KC, bool Full, class T>
+inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias, int64_t D, int Krt, int64_t t,
                   int64_t c) {
+  const int K = KC > 0 ? KC : Krt;
   T acc = ld<T>(bias + c);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t j = t + k - (K - 1);
-    if (j >= 0) acc += ld<T>(wt + k * D + c) * ld<T>(x + j * sl + c);
-  }
+  for (int k = Full ? 0 : std::max<int>(0, K - 1 - (int)t); k < K; ++k)
+    acc += ld<T>(wt + k * D + c) * ld<T>(x + (t + k - (K - 1)) * sl + c);
   return acc;
+}
+
+// Backward of one column: g_t = d loss / d pre_t; dbias += g_t, dw_k += g_t x_{t + k - (K - 1)}, and
+// dx_j = sum_k w_k g_{j + (K - 1) - k}, complete once g_{j + K - 1} is known (g_t = 0 for t >= L).
+template <int KC, class T>
+inline void conv_bwd_col(const float* x, int64_t sl, const float* dout, const float* wt, const float* bias, int64_t D,
+                         int Krt, int64_t L, int64_t c, float* dx, int64_t dxl, T* dw, T& db) {
+  const int K = KC > 0 ? KC : Krt;
+  T w[KC > 0 ? KC : kMaxConv], xw[KC > 0 ? KC : kMaxConv], gw[KC > 0 ? KC : kMaxConv];  // gw[k] = g_{t - k}
+  for (int k = 0; k < K; ++k) {
+    w[k] = ld<T>(wt + k * D + c);
+    xw[k] = gw[k] = T{};  // xw[k] = x_{t + k - (K - 1)}
+  }
+  const T b = ld<T>(bias + c);
+  for (int64_t t = 0; t < L + K - 1; ++t) {
+    T g{};
+    if (t < L) {
+      if (t + kConvAhead < L) {
+        __builtin_prefetch(x + (t + kConvAhead) * sl + c);
+        __builtin_prefetch(dout + (t + kConvAhead) * D + c);
+      }
+      for (int k = 0; k + 1 < K; ++k) xw[k] = xw[k + 1];
+      xw[K - 1] = ld<T>(x + t * sl + c);
+      T pre = b;
+      for (int k = 0; k < K; ++k) pre += w[k] * xw[k];
+      const T s = sigmoid_t(pre);
+      g = ld<T>(dout + t * D + c) * s * (pre * (1.f - s) + 1.f);
+      db += g;
+      for (int k = 0; k < K; ++k) dw[k] += g * xw[k];
+    }
+    for (int k = K - 1; k > 0; --k) gw[k] = gw[k - 1];
+    gw[0] = g;
+    if (t >= K - 1) {
+      T acc{};
+      for (int k = 0; k < K; ++k) acc += w[k] * gw[k];
+      st(dx + (t - (K - 1)) * dxl + c, acc);
+    }
+  }
 }
 
 void check_conv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
@@ -459,14 +506,14 @@ void check_conv(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
   check(w, "conv weight", 2);
   check(bias, "conv bias", 1);
   TORCH_CHECK(w.size(0) == x.size(2) && bias.size(0) == x.size(2), "conv weight must be (D, K) and bias (D,)");
+  TORCH_CHECK(w.size(1) >= 1 && w.size(1) <= kMaxConv, "conv kernel size must be in [1, ", kMaxConv, "], got ",
+              w.size(1));
 }
 
-std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
-  check_conv(x, w, bias);
-  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
-  const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
-  auto wt = w.t().contiguous();  // (K, D): the channels of one tap are contiguous
-  auto out = torch::empty({Bt, L, D}, x.options());
+template <int KC>
+void conv_fwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias, torch::Tensor& out) {
+  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2), sb = x.stride(0), sl = x.stride(1);
+  const int K = (int)wt.size(0);
   const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
   float* po = out.data_ptr<float>();
   at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
@@ -475,10 +522,18 @@ std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Ten
       for (int64_t t = 0; t < L; ++t)
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
-          const T pre = conv_pre<T>(px + b * sb, sl, pw, pb, D, K, t, c);
+          const T pre = t >= K - 1 ? conv_pre<KC, true, T>(px + b * sb, sl, pw, pb, D, K, t, c)
+                                   : conv_pre<KC, false, T>(px + b * sb, sl, pw, pb, D, K, t, c);
           st(po + (b * L + t) * D + c, pre * sigmoid_t(pre));
         });
   });
+}
+
+std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+  check_conv(x, w, bias);
+  auto wt = w.t().contiguous();  // (K, D): the channels of one tap are contiguous
+  auto out = torch::empty(x.sizes(), x.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (w.size(1) == 4) conv_fwd_impl<4>(x, wt, bias, out); else conv_fwd_impl<0>(x, wt, bias, out);
   return {out};
 }
 
@@ -492,58 +547,38 @@ torch::Tensor output_like(const c10::optional<torch::Tensor>& given, const torch
   return t;
 }
 
-std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout,
-                                    c10::optional<torch::Tensor> dx_out) {
-  check_conv(x, w, bias);
-  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2);
-  check(dout, "dout", 3);
-  TORCH_CHECK(dout.sizes() == x.sizes(), "conv dout must be (Bt, L, D) like x");
-  const int64_t K = w.size(1), sb = x.stride(0), sl = x.stride(1);
-  auto wt = w.t().contiguous();
-  auto dx = output_like(dx_out, x, "conv dx");
+template <int KC>
+void conv_bwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias, const torch::Tensor& dout,
+                   torch::Tensor& dx, torch::Tensor& dwt, torch::Tensor& db) {
+  const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2), sb = x.stride(0), sl = x.stride(1);
+  const int K = (int)wt.size(0);
   const int64_t dxb = dx.stride(0), dxl = dx.stride(1);
-  auto dwt = torch::zeros({K, D}, x.options());
-  auto db = torch::zeros({D}, x.options());
   const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
   const float* pdo = dout.data_ptr<float>();
   float *pdx = dx.data_ptr<float>(), *pdw = dwt.data_ptr<float>(), *pdb = db.data_ptr<float>();
-  // Per image and block of up to kCB channels, token-major passes (rows are contiguous in the (Bt, L, D) layout):
-  // g = d loss / d pre into a (L, kCB) buffer, then dw and dbias, then dx.
-  constexpr int64_t kCB = 256;
   at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * kW, c1 = std::min(D, end * kW);
-    fvec gbuf(L * kCB);
     for (int64_t b = 0; b < Bt; ++b)
-      for (int64_t cb = c0; cb < c1; cb += kCB) {
-        const int64_t ce = std::min(c1, cb + kCB);
-        const float* xb = px + b * sb;
-        float* g = gbuf.data() - cb;  // g[t * kCB + c], c in [cb, ce)
-        for (int64_t t = 0; t < L; ++t)
-          for_lanes(cb, ce, [&](int64_t c, auto tag) {
-            using T = decltype(tag);
-            const T pre = conv_pre<T>(xb, sl, pw, pb, D, K, t, c), s = sigmoid_t(pre);
-            const T gt = ld<T>(pdo + (b * L + t) * D + c) * s * (pre * (1.f - s) + 1.f);
-            st(g + t * kCB + c, gt);
-            st(pdb + c, ld<T>(pdb + c) + gt);
-          });
-        for (int64_t t = 0; t < L; ++t)  // dw_k += g_t x_{t + k - (K - 1)}
-          for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k)
-            for_lanes(cb, ce, [&](int64_t c, auto tag) {
-              using T = decltype(tag);
-              st(pdw + k * D + c, ld<T>(pdw + k * D + c) + ld<T>(g + t * kCB + c) * ld<T>(xb + (t + k - (K - 1)) * sl + c));
-            });
-        for (int64_t j = 0; j < L; ++j)  // dx_j = sum_k w_k g_{j + (K - 1) - k}
-          for_lanes(cb, ce, [&](int64_t c, auto tag) {
-            using T = decltype(tag);
-            T acc{};
-            for (int64_t k = 0; k < K; ++k) {
-              const int64_t t = j + (K - 1) - k;
-              if (t < L) acc += ld<T>(pw + k * D + c) * ld<T>(g + t * kCB + c);
-            }
-            st(pdx + b * dxb + j * dxl + c, acc);
-          });
-      }
+      for_lanes(begin * kW, std::min(D, end * kW), [&](int64_t c, auto tag) {
+        using T = decltype(tag);
+        T dw[KC > 0 ? KC : kMaxConv], db = ld<T>(pdb + c);
+        for (int k = 0; k < K; ++k) dw[k] = ld<T>(pdw + k * D + c);
+        conv_bwd_col<KC, T>(px + b * sb, sl, pdo + b * L * D, pw, pb, D, K, L, c, pdx + b * dxb, dxl, dw, db);
+        for (int k = 0; k < K; ++k) st(pdw + k * D + c, dw[k]);
+        st(pdb + c, db);
+      });
   });
+}
+
+std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout,
+                                    c10::optional<torch::Tensor> dx_out) {
+  check_conv(x, w, bias);
+  check(dout, "dout", 3);
+  TORCH_CHECK(dout.sizes() == x.sizes(), "conv dout must be (Bt, L, D) like x");
+  auto wt = w.t().contiguous();
+  auto dx = output_like(dx_out, x, "conv dx");
+  auto dwt = torch::zeros({w.size(1), w.size(0)}, x.options());
+  auto db = torch::zeros({w.size(0)}, x.options());
+  if (w.size(1) == 4) conv_bwd_impl<4>(x, wt, bias, dout, dx, dwt, db); else conv_bwd_impl<0>(x, wt, bias, dout, dx, dwt, db);
   return {dx, dwt.t().contiguous(), db};
 }
 
