@@ -99,8 +99,10 @@ def test_grad_checkpointing_gives_identical_outputs_and_grads():
         out.sum().backward()
         results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    # float32 rounding, not bitwise: the fused CPU backward adds its threads' partial sums (dA, dt_proj's gradients)
+    # in the order the threads finish, so even two runs without checkpointing differ in the last bits
     for k in results[0][1]:
-        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_ramp_and_eval_noop():

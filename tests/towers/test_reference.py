@@ -127,6 +127,41 @@ def test_cpp_mixer_node_matches_the_op_by_op_composition(case, monkeypatch):
         assert rel_err(one_node[k], op_by_op[k]) < 1e-5, k
 
 
+def test_cpp_block_adds_the_residual_in_out_proj():
+    """Without drop path, a float32 block on the fused CPU path has out_proj's GEMM add the residual (addmm); that
+    equals x + out_proj(...) computed apart, outputs and gradients, and drop path in training still applies."""
+    if not _available("cpp"):
+        pytest.skip("fused CPU kernel not available here")
+    from defocus_clip.towers import mamba as mamba_mod
+
+    torch.manual_seed(6)
+    blk = perturb_(tiny_mamba(scan_impl="cpp")).blocks[1].train()
+    x = torch.randn(3, 9, blk.norm.weight.shape[0], requires_grad=True)
+    probe = torch.randn(3, 9, x.shape[-1])
+
+    def run(fn):
+        blk.zero_grad()
+        x.grad = None
+        out = fn()
+        (out * probe).sum().backward()
+        return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in blk.parameters()]
+
+    calls = []
+    addmm = torch.addmm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mamba_mod.torch, "addmm", lambda *a: calls.append(1) or addmm(*a))
+        fused = run(lambda: blk(x))
+        assert calls, "the block did not take the addmm path"
+        apart = run(lambda: x + blk.mixer(blk.norm(x, fused=True)))
+        assert len(calls) == 1
+    for a, b in zip(fused, apart):
+        assert rel_err(a, b) < 1e-6
+    blk.drop_path.drop_prob = 0.5
+    torch.manual_seed(0)
+    dropped = blk(x)
+    assert len(calls) == 1 and not torch.allclose(dropped, fused[0])  # the drop-path branch: no addmm
+
+
 def test_scan_impls_agree_on_random_inputs():
     """`selective_scan` (torch path) against the reference recurrence, directly at the function level."""
     from .reference_mamba import selective_scan_recurrence

@@ -105,10 +105,10 @@ class DefocusMambaMixer(nn.Module):
         dt = torch.exp(torch.linspace(math.log(dt_min), math.log(dt_max), self.d_inner)).clamp(min=floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, dim) -> (B, L, dim)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, dim) -> (B, L, dim); plus `residual` (B, L, dim) if given (see `_out_proj`)."""
         if resolve_scan_impl(x.device, self.scan_impl, self.A_log.dtype) == "cpp":
-            return self._forward_cpp(x)
+            return self._forward_cpp(x, residual)
         length = x.shape[1]
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
         u = causal_conv1d_silu(u.transpose(1, 2), self.conv1d)  # (B, D, L); causal_conv1d's kernel on CUDA
@@ -124,9 +124,20 @@ class DefocusMambaMixer(nn.Module):
             y = group_rms_norm(y, self.group_norm_size)
         y = y + u.float() * self.D.float()[:, None]
         y = y * F.silu(z.float()).transpose(1, 2)
-        return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))  # autocast casts further if on
+        return self._out_proj(y.transpose(1, 2), residual)
 
-    def _forward_cpp(self, x: torch.Tensor) -> torch.Tensor:
+    def _out_proj(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """out_proj(y) (+ residual). In float32 without autocast the residual is added by out_proj's GEMM itself
+        (addmm, beta = 1): no separate pass over the residual stream, no extra (B, L, dim) output per block."""
+        w = self.out_proj.weight
+        if residual is not None and not torch.is_autocast_enabled(y.device.type) and (
+            y.dtype == w.dtype == residual.dtype
+        ):
+            return torch.addmm(residual.reshape(-1, w.shape[0]), y.reshape(-1, w.shape[1]), w.t()).view(residual.shape)
+        out = self.out_proj(y.to(w.dtype))  # autocast casts further if on
+        return out if residual is None else residual + out.to(residual.dtype)
+
+    def _forward_cpp(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The forward above with the fused CPU kernels, everything in the (B, L, D) layout of the linears: causal
         conv + SiLU reads the u half of the in_proj output in place; softplus, scan, group norm, D skip and gate are
         one pass (with the RoPE of B and C). Same parameters, same function (tests/towers/test_reference.py checks both
@@ -141,7 +152,7 @@ class DefocusMambaMixer(nn.Module):
         ):  # one autograd node from the in_proj output to the out_proj input (see mixer_core_cpp)
             y = mixer_core_cpp(xz, w, self.conv1d.bias.float(), *projections, A, self.D.float(), freq,
                                self.group_norm_size, self.delta_scale_factor, self.rope_scale_factor)
-            return self.out_proj(y.to(self.out_proj.weight.dtype))
+            return self._out_proj(y, residual)
         u, z = xz.chunk(2, dim=-1)  # (B, L, D) views, rows of stride 2D
         u = causal_conv_silu_cpp(u, w, self.conv1d.bias.float())  # (B, L, D) contiguous
         dt, B, C = self.x_proj(u.to(self.x_proj.weight.dtype)).split([self.dt_rank, self.d_state, self.d_state], -1)
@@ -150,7 +161,7 @@ class DefocusMambaMixer(nn.Module):
             u, dt.float().contiguous(), A, B.float(), C.float(), self.D.float(), z,
             self.group_norm_size, self.delta_scale_factor, freq, self.rope_scale_factor,
         )
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        return self._out_proj(y, residual)
 
 
 class MambaBlock(nn.Module):
@@ -167,6 +178,8 @@ class MambaBlock(nn.Module):
         mixer = self.mixer
         fused = resolve_scan_impl(x.device, mixer.scan_impl, mixer.A_log.dtype) == "cpp"
         h = self.norm(x, fused=fused).to(mixer.in_proj.weight.dtype)  # weights may be bf16 (DeepSpeed bf16)
+        if fused and not torch.compiler.is_compiling() and not (self.training and self.drop_path.drop_prob > 0):
+            return mixer(h, residual=x)  # no drop path: out_proj's GEMM adds the residual
         return x + self.drop_path(mixer(h)).to(x.dtype)
 
 
