@@ -400,3 +400,31 @@ def test_fused_rms_norm_matches_float64(shape):
     expected_grads = torch.autograd.grad((expected * probe).sum(), (x6, w6))
     for name, ours, theirs in zip(("x", "weight"), grads, expected_grads):
         assert rel_err(ours, theirs) < 1e-5, name
+
+
+@needs_cpp
+@pytest.mark.parametrize("use", ["both", "norm only", "residual only"])
+def test_rms_norm_with_residual_passthrough(use):
+    """(norm(x), x) from one node: x + f(norm(x)) gets the gradients of the unfused composition in float64, also when
+    only one output is used (the other's gradient is then None), and the second output is x's values."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 5, 40, generator=g) * 2).requires_grad_()
+    w = torch.randn(40, generator=g).requires_grad_()
+    lin = torch.randn(40, 40, generator=g, dtype=torch.float64) / 7
+    x6, w6 = (t.detach().double().requires_grad_() for t in (x, w))
+
+    def compose(h, res, lin):
+        return {"both": res + h @ lin, "norm only": h @ lin, "residual only": res * 3}[use]
+
+    h, res = scan_cpu.rms_norm_residual_cpp(x, w, 1e-5)
+    assert torch.equal(res, x) and res.shape == x.shape
+    out = compose(h, res, lin.float())
+    expected = compose(F.rms_norm(x6, (40,), w6, 1e-5), x6, lin)
+    probe = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * probe.float()).sum(), (x, w), allow_unused=True)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), (x6, w6), allow_unused=True)
+    assert rel_err(grads[0], expected_grads[0]) < 1e-5
+    if use == "residual only":
+        assert grads[1] is None or grads[1].abs().max() == 0
+    else:
+        assert rel_err(grads[1], expected_grads[1]) < 1e-5

@@ -294,20 +294,38 @@ def mixer_core_cpp(
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, passthrough):
         y, rstd = _module().rms_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return y
+        return (y, x) if passthrough else y  # x returned as is: autograd makes it a view with this node's backward
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dres=None):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _module().rms_bwd(dy.contiguous(), x, weight, rstd)
-        return dx, dw, None
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        dres = dres.contiguous() if dres is not None else None
+        dx, dw = _module().rms_bwd(dy, x, weight, rstd, dres=dres)
+        return dx, dw, None, None
 
 
 def rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, (C,), weight, eps)` for a float32 CPU x (..., C) and weight (C,), fused; gradients for both."""
     shape = x.shape
-    y = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps))
+    y = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps), False)
     return y.view(shape)
+
+
+def rms_norm_residual_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm_cpp(x, weight, eps), x) as one autograd node: a pre-norm block that adds x back (its residual) uses
+    the second output, and the backward adds the two gradients of x within the norm's pass instead of autograd summing
+    them in another. Needs a kernel with `rms_bwd(..., dres)` (`residual_norm_available`)."""
+    shape = x.shape
+    y, res = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps), True)
+    return y.view(shape), res.view(shape)
+
+
+def residual_norm_available() -> bool:
+    """Whether the loaded kernel's rms_bwd takes the residual gradient (builds of older sources swapped in by the
+    benchmarks' --compare-source do not)."""
+    mod = _module()
+    return mod is not None and getattr(mod, "KERNEL_VERSION", 1) >= 5

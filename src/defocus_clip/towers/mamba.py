@@ -25,7 +25,9 @@ from ..layers.scan_cpu import (
     defocus_chain_cpp,
     mixer_core_available,
     mixer_core_cpp,
+    residual_norm_available,
     rms_norm_cpp,
+    rms_norm_residual_cpp,
 )
 from .base import TokenTower, reject_unknown_kwargs
 
@@ -46,6 +48,13 @@ class RMSNormFp32(nn.RMSNorm):
         if fused and dtype == torch.float32 and x.device.type == "cpu":
             return rms_norm_cpp(x.float(), self.weight.float(), self.eps)
         return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps)
+
+    def with_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x), x) for a float32 CPU x, from one autograd node whose backward also adds the gradient x gets
+        through the residual connection (the block adds the second output back)."""
+        if residual_norm_available():
+            return rms_norm_residual_cpp(x, self.weight.float(), self.eps)
+        return self(x, fused=True), x
 
 
 def group_rms_norm(y: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -177,9 +186,11 @@ class MambaBlock(nn.Module):
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 residual (fp64 after model.double())
         mixer = self.mixer
         fused = resolve_scan_impl(x.device, mixer.scan_impl, mixer.A_log.dtype) == "cpp"
+        if (fused and x.dtype == mixer.in_proj.weight.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and not (self.training and self.drop_path.drop_prob > 0)):
+            h, residual = self.norm.with_residual(x)  # no drop path: out_proj's GEMM adds the residual back
+            return mixer(h, residual=residual)
         h = self.norm(x, fused=fused).to(mixer.in_proj.weight.dtype)  # weights may be bf16 (DeepSpeed bf16)
-        if fused and not torch.compiler.is_compiling() and not (self.training and self.drop_path.drop_prob > 0):
-            return mixer(h, residual=x)  # no drop path: out_proj's GEMM adds the residual
         return x + self.drop_path(mixer(h)).to(x.dtype)
 
 

@@ -1219,18 +1219,26 @@ std::vector<torch::Tensor> rms_fwd(torch::Tensor x, torch::Tensor w, double eps)
   return {y, rstd};
 }
 
-// dx = rstd (g - x rstd^2 mean(g x)), g = dy w;  dw = sum over rows of dy x rstd.
-std::vector<torch::Tensor> rms_bwd(torch::Tensor dy, torch::Tensor x, torch::Tensor w, torch::Tensor rstd) {
+// dx = rstd (g - x rstd^2 mean(g x)), g = dy w;  dw = sum over rows of dy x rstd. dres (optional, like x): the
+// gradient x receives from the residual connection, added in the same pass (the block's two gradients of x, without
+// autograd's separate sum).
+std::vector<torch::Tensor> rms_bwd(torch::Tensor dy, torch::Tensor x, torch::Tensor w, torch::Tensor rstd,
+                                   c10::optional<torch::Tensor> dres) {
   check(dy, "dy", 2);
   check(x, "x", 2);
   check(w, "weight", 1);
   check(rstd, "rstd", 1);
   TORCH_CHECK(dy.sizes() == x.sizes() && w.size(0) == x.size(1) && rstd.size(0) == x.size(0), "RMSNorm shapes");
+  if (dres.has_value()) {
+    check(*dres, "dres", 2);
+    TORCH_CHECK(dres->sizes() == x.sizes(), "RMSNorm dres must be shaped like x");
+  }
   const int64_t R = x.size(0), C = x.size(1);
   auto dx = torch::empty_like(x);
   auto dw = torch::zeros_like(w);
   const float *pdy = dy.data_ptr<float>(), *px = x.data_ptr<float>(), *pw = w.data_ptr<float>();
   const float* pr = rstd.data_ptr<float>();
+  const float* pres = dres.has_value() ? dres->data_ptr<float>() : nullptr;
   float *pdx = dx.data_ptr<float>(), *pdw = dw.data_ptr<float>();
   std::mutex mu;
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
@@ -1249,7 +1257,8 @@ std::vector<torch::Tensor> rms_bwd(torch::Tensor dy, torch::Tensor x, torch::Ten
       const float k = rs * rs * (hsum(sv) + ss) / (float)C;
       for_lanes(0, C, [&](int64_t c, auto tag) {
         using T = decltype(tag);
-        st(pdx + r * C + c, (ld<T>(dyr + c) * ld<T>(pw + c) - ld<T>(xr + c) * k) * rs);
+        const T d = (ld<T>(dyr + c) * ld<T>(pw + c) - ld<T>(xr + c) * k) * rs;
+        st(pdx + r * C + c, pres ? d + ld<T>(pres + r * C + c) : d);
       });
     }
     std::lock_guard<std::mutex> lock(mu);
@@ -1371,7 +1380,7 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj; 4: and returns its
   // gradients instead of ddt (layers/scan_cpu.py)
-  m.attr("KERNEL_VERSION") = 4;
+  m.attr("KERNEL_VERSION") = 5;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
@@ -1388,5 +1397,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rope_scale"), py::arg("dz") = py::none(), py::arg("dt_weight") = py::none(),
         py::arg("dt_bias") = py::none());
   m.def("rms_fwd", &rms_fwd, "RMSNorm over the last dim of (R, C): forward, returns (y, rstd)");
-  m.def("rms_bwd", &rms_bwd, "RMSNorm over the last dim of (R, C): backward, returns (dx, dweight)");
+  m.def("rms_bwd", &rms_bwd, "RMSNorm over the last dim of (R, C): backward, returns (dx, dweight)", py::arg("dy"),
+        py::arg("x"), py::arg("w"), py::arg("rstd"), py::arg("dres") = py::none());
 }
