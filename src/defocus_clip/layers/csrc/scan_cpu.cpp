@@ -578,7 +578,10 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
   auto dx = output_like(dx_out, x, "conv dx");
   auto dwt = torch::zeros({w.size(1), w.size(0)}, x.options());
   auto db = torch::zeros({w.size(0)}, x.options());
-  if (w.size(1) == 4) conv_bwd_impl<4>(x, wt, bias, dout, dx, dwt, db); else conv_bwd_impl<0>(x, wt, bias, dout, dx, dwt, db);
+  if (w.size(1) == 4)
+    conv_bwd_impl<4>(x, wt, bias, dout, dx, dwt, db);
+  else
+    conv_bwd_impl<0>(x, wt, bias, dout, dx, dwt, db);
   return {dx, dwt.t().contiguous(), db};
 }
 
