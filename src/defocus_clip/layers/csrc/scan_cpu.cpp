@@ -447,6 +447,10 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
 // g, dw, dbias and dx in one pass, where token-major passes through a (L, 256) buffer of g ran at 140 cycles per
 // vector (B/32 shapes, 1 thread: 9.5 -> 6.3 ms; column sweeps in the forward were slower than its rows).
 
+// FN<FIXED>(...) when value == FIXED (the size the Mamba models use, unrolled at compile time), else FN<0>(...) (any
+// size, at run time): the kernels' templates on N (states) and K (conv taps).
+#define DISPATCH_FIXED(value, FIXED, FN, ...) ((value) == (FIXED) ? FN<FIXED>(__VA_ARGS__) : FN<0>(__VA_ARGS__))
+
 constexpr int kMaxConv = 64;
 constexpr int64_t kConvAhead = 6;  // rows of software prefetch: the rows of a column are D or 2D floats apart, beyond
                                    // the reach of the hardware prefetchers
@@ -533,7 +537,7 @@ std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Ten
   check_conv(x, w, bias);
   auto wt = w.t().contiguous();  // (K, D): the channels of one tap are contiguous
   auto out = torch::empty(x.sizes(), x.options().memory_format(c10::MemoryFormat::Contiguous));
-  if (w.size(1) == 4) conv_fwd_impl<4>(x, wt, bias, out); else conv_fwd_impl<0>(x, wt, bias, out);
+  DISPATCH_FIXED(w.size(1), 4, conv_fwd_impl, x, wt, bias, out);
   return {out};
 }
 
@@ -578,10 +582,7 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
   auto dx = output_like(dx_out, x, "conv dx");
   auto dwt = torch::zeros({w.size(1), w.size(0)}, x.options());
   auto db = torch::zeros({w.size(0)}, x.options());
-  if (w.size(1) == 4)
-    conv_bwd_impl<4>(x, wt, bias, dout, dx, dwt, db);
-  else
-    conv_bwd_impl<0>(x, wt, bias, dout, dx, dwt, db);
+  DISPATCH_FIXED(w.size(1), 4, conv_bwd_impl, x, wt, bias, dout, dx, dwt, db);
   return {dx, dwt.t().contiguous(), db};
 }
 
@@ -1282,7 +1283,7 @@ void check_scan(const torch::Tensor& u, const torch::Tensor& A, const torch::Ten
 
 #define DISPATCH_N(N, FN, ...) \
   ((N) == 16 ? FN<2>(__VA_ARGS__) : (N) == 8 ? FN<1>(__VA_ARGS__) : FN<0>(__VA_ARGS__))
-#define DISPATCH_NC(N, FN, ...) ((N) == 16 ? FN<16>(__VA_ARGS__) : FN<0>(__VA_ARGS__))
+#define DISPATCH_NC(N, FN, ...) DISPATCH_FIXED(N, 16, FN, __VA_ARGS__)
 
 std::vector<torch::Tensor> scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bl,
                                     torch::Tensor Cl) {
@@ -1382,7 +1383,7 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj; 4: and returns its
-  // gradients instead of ddt (layers/scan_cpu.py)
+  // gradients instead of ddt; 5: rms_bwd adds the residual's gradient (dres) (layers/scan_cpu.py)
   m.attr("KERNEL_VERSION") = 5;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
