@@ -254,20 +254,25 @@ class _MixerCoreFn(torch.autograd.Function):
                 None, None, None)
 
 
+def _kernel_has(version: int, mod=None) -> bool:
+    """Whether the kernel (`mod`, else the loaded one) is at least `KERNEL_VERSION` `version`: builds of older sources,
+    swapped in by the benchmarks' --compare-source, lack the later entry points and arguments."""
+    mod = _module() if mod is None else mod
+    return mod is not None and getattr(mod, "KERNEL_VERSION", 1) >= version
+
+
 def _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, shape):
     """What the chain takes as dt: dt_proj's low-rank input and its weights, from which the kernel computes dt per
     channel block (KERNEL_VERSION >= 3; the (Bt, L, D) dt never exists), or, for builds of older sources swapped in by
     the benchmarks' --compare-source, dt itself."""
-    if getattr(mod, "KERNEL_VERSION", 1) >= 3:
+    if _kernel_has(3, mod):
         return xdbl[..., :r], (dtproj_w, dtproj_b)
     return torch.addmm(dtproj_b, xdbl.view(-1, xdbl.shape[-1])[:, :r], dtproj_w.t()).view(shape), ()
 
 
 def mixer_core_available() -> bool:
-    """Whether the loaded kernel has the entry points of `mixer_core_cpp` (builds of older sources, swapped in by the
-    benchmarks' --compare-source, do not)."""
-    mod = _module()
-    return mod is not None and getattr(mod, "KERNEL_VERSION", 1) >= 2
+    """Whether the loaded kernel has the entry points of `mixer_core_cpp`."""
+    return _kernel_has(2)
 
 
 def mixer_core_cpp(
@@ -308,24 +313,25 @@ class _RMSNormFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, passthrough: bool):
+    """_RMSNormFn on x (..., C) as contiguous rows (R, C); outputs shaped like x."""
+    shape = x.shape
+    out = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps), passthrough)
+    return tuple(t.view(shape) for t in out) if passthrough else out.view(shape)
+
+
 def rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, (C,), weight, eps)` for a float32 CPU x (..., C) and weight (C,), fused; gradients for both."""
-    shape = x.shape
-    y = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps), False)
-    return y.view(shape)
+    return _rms_norm_rows(x, weight, eps, False)
 
 
 def rms_norm_residual_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm_cpp(x, weight, eps), x) as one autograd node: a pre-norm block that adds x back (its residual) uses
     the second output, and the backward adds the two gradients of x within the norm's pass instead of autograd summing
     them in another. Needs a kernel with `rms_bwd(..., dres)` (`residual_norm_available`)."""
-    shape = x.shape
-    y, res = _RMSNormFn.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps), True)
-    return y.view(shape), res.view(shape)
+    return _rms_norm_rows(x, weight, eps, True)
 
 
 def residual_norm_available() -> bool:
-    """Whether the loaded kernel's rms_bwd takes the residual gradient (builds of older sources swapped in by the
-    benchmarks' --compare-source do not)."""
-    mod = _module()
-    return mod is not None and getattr(mod, "KERNEL_VERSION", 1) >= 5
+    """Whether the loaded kernel's rms_bwd takes the residual gradient."""
+    return _kernel_has(5)
