@@ -224,7 +224,7 @@ def test_kernels_write_gradients_into_given_halves():
     u, dt = torch.randn(bt, length, d, generator=g), torch.randn(bt, length, d, generator=g)
     A, Bc = -torch.rand(d, n, generator=g) - 0.1, torch.randn(bt, length, 2 * n, generator=g)
     Dk, f = torch.randn(d, generator=g), torch.rand(n, generator=g)
-    _, yraw = mod.defocus_fwd(u, dt, A, Bc[..., :n], Bc[..., n:], Dk, xz[..., d:], 8, 1.0, f, 1.0)
+    _, yraw, _ = mod.defocus_fwd(u, dt, A, Bc[..., :n], Bc[..., n:], Dk, xz[..., d:], 8, 1.0, f, 1.0)
     args = (u, dt, A, Bc[..., :n], Bc[..., n:], Dk, xz[..., d:], yraw, dout, 8, 1.0, f, 1.0)
     own, given = mod.defocus_bwd(*args), mod.defocus_bwd(*args, dz=buf[..., d:])
     assert torch.equal(buf[..., d:], own[6]) and not buf.isnan().any()
@@ -255,8 +255,8 @@ def test_chain_computes_dt_from_dt_proj(bt, length, d, rank, group):
     u, z = torch.randn(bt, length, d, generator=g), torch.randn(bt, length, 2 * d, generator=g)[..., d:]
     A, Dk, f = -torch.rand(d, n, generator=g) * 3 - 0.1, torch.randn(d, generator=g), torch.rand(n, generator=g)
     common = (A, xdbl[..., rank:rank + n], xdbl[..., rank + n:], Dk, z, group, 1.5, f, 1.0)
-    out, yraw = mod.defocus_fwd(u, dt, *common)
-    out_lr, yraw_lr = mod.defocus_fwd(u, xdbl[..., :rank], *common, dt_weight=w, dt_bias=b)
+    out, yraw, _ = mod.defocus_fwd(u, dt, *common)
+    out_lr, yraw_lr, _ = mod.defocus_fwd(u, xdbl[..., :rank], *common, dt_weight=w, dt_bias=b)
     assert rel_err(out_lr, out) < 1e-5 and rel_err(yraw_lr, yraw) < 1e-5
     dout = torch.randn(bt, length, d, generator=g)
     full = mod.defocus_bwd(u, dt, *common[:-4], yraw, dout, *common[-4:])
@@ -273,6 +273,44 @@ def test_chain_computes_dt_from_dt_proj(bt, length, d, rank, group):
         mod.defocus_fwd(u, dt, *common, dt_weight=w, dt_bias=b)
     with pytest.raises(RuntimeError, match="dt_proj weight must be \\(D, R\\)"):
         mod.defocus_fwd(u, xdbl[..., :rank], *common, dt_weight=w[1:], dt_bias=b[1:])
+
+
+@needs_cpp
+@pytest.mark.parametrize("bt,length,d,group", [(3, 50, 1536, 64), (2, 7, 40, 8), (2, 13, 96, 12), (2, 9, 48, 0)])
+def test_chain_backward_takes_the_forwards_group_rstd(bt, length, d, group):
+    """defocus_fwd returns the group norm's rstd per (image, token, group), 1 / sqrt(mean(y^2) + 1e-6) of its scan
+    output; defocus_bwd given it (rstd=) skips recomputing it from yraw and returns exactly the same gradients. Many
+    items per call (B/32 widths), so that every item but the last prefetches the next one's rows; groups that split
+    vectors (12); no group norm (0: rstd empty, and none to give). One thread: the kernel adds its threads' partial
+    sums in the order they finish, so only a single thread's results are bitwise repeatable."""
+    mod = scan_cpu._module()
+    g = torch.Generator().manual_seed(13)
+    n, rank = 16, 6
+    xdbl = torch.randn(bt, length, rank + 2 * n, generator=g)
+    w, b = torch.randn(d, rank, generator=g) / rank**0.5, torch.randn(d, generator=g) - 1
+    u, z = torch.randn(bt, length, d, generator=g), torch.randn(bt, length, 2 * d, generator=g)[..., d:]
+    A, Dk, f = -torch.rand(d, n, generator=g) * 3 - 0.1, torch.randn(d, generator=g), torch.rand(n, generator=g)
+    common = (A, xdbl[..., rank:rank + n], xdbl[..., rank + n:], Dk, z, group, 1.5, f, 1.0)
+    lowrank = {"dt_weight": w, "dt_bias": b}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, yraw, rstd = mod.defocus_fwd(u, xdbl[..., :rank], *common, **lowrank)
+        dout = torch.randn(bt, length, d, generator=g)
+        args = (u, xdbl[..., :rank], *common[:-4], yraw, dout, *common[-4:])
+        recomputed = mod.defocus_bwd(*args, **lowrank)
+        given = mod.defocus_bwd(*args, **lowrank, rstd=rstd) if group else None
+    finally:
+        torch.set_num_threads(threads)
+    if group == 0:
+        assert rstd.numel() == 0
+        return
+    expected = (yraw.double().view(bt, length, d // group, group).square().mean(-1) + 1e-6).rsqrt()
+    assert rstd.shape == (bt, length, d // group) and rel_err(rstd, expected) < 1e-6
+    for k, (ours, theirs) in enumerate(zip(given, recomputed)):
+        assert torch.equal(ours, theirs), k
+    with pytest.raises(RuntimeError, match="rstd must be the forward's"):
+        mod.defocus_bwd(*args, **lowrank, rstd=rstd[:, :, 1:].contiguous())
 
 
 @needs_cpp

@@ -159,18 +159,18 @@ class _DefocusChainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, z, freq, group_size, delta_scale, rope_scale):
         f = freq if freq is not None else u.new_empty(0)
-        out, yraw = _module().defocus_fwd(u, dt, A, B, C, D, z, group_size, delta_scale, f, rope_scale)
-        ctx.save_for_backward(u, dt, A, B, C, D, z, f, yraw)
+        out, yraw, *rstd = _module().defocus_fwd(u, dt, A, B, C, D, z, group_size, delta_scale, f, rope_scale)
+        ctx.save_for_backward(u, dt, A, B, C, D, z, f, yraw, *rstd)
         ctx.args = (group_size, delta_scale, rope_scale)
         ctx.has_freq = freq is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, dt, A, B, C, D, z, f, yraw = ctx.saved_tensors
+        u, dt, A, B, C, D, z, f, yraw, *rstd = ctx.saved_tensors
         group_size, delta_scale, rope_scale = ctx.args
         grads = _module().defocus_bwd(u, dt, A, B, C, D, z, yraw, dout.contiguous(), group_size, delta_scale, f,
-                                      rope_scale)
+                                      rope_scale, **_saved_rstd(rstd))
         # du, ddt, dA, dB, dC, dD, dz, then (this kernel's) the column sums of ddt, and dfreq
         return (*grads[:7], grads[8] if ctx.has_freq else None, None, None, None)
 
@@ -217,9 +217,9 @@ class _MixerCoreFn(torch.autograd.Function):
         xdbl = torch.matmul(u, xproj_w.t())  # (Bt, L, R + 2N): dt (low rank), B, C
         f = freq if freq is not None else u.new_empty(0)
         dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
-        out, yraw = mod.defocus_fwd(u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], group_size,
-                                    delta_scale, f, rope_scale, *dtproj)
-        ctx.save_for_backward(xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, f, u, xdbl, yraw)
+        out, yraw, *rstd = mod.defocus_fwd(u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:],
+                                           group_size, delta_scale, f, rope_scale, *dtproj)
+        ctx.save_for_backward(xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, f, u, xdbl, yraw, *rstd)
         ctx.args = (group_size, delta_scale, rope_scale)
         ctx.has_freq = freq is not None
         return out
@@ -227,7 +227,7 @@ class _MixerCoreFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         mod = _module()
-        xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, f, u, xdbl, yraw = ctx.saved_tensors
+        xz, conv_w, conv_b, xproj_w, dtproj_w, dtproj_b, A, Dskip, f, u, xdbl, yraw, *rstd = ctx.saved_tensors
         group_size, delta_scale, rope_scale = ctx.args
         d, r = xz.shape[-1] // 2, dtproj_w.shape[1]
         n = (xproj_w.shape[0] - r) // 2
@@ -235,7 +235,7 @@ class _MixerCoreFn(torch.autograd.Function):
         dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
         du, ddt, dA, dB, dC, dD, _, ddt_sum, dfreq, *d_lowrank = mod.defocus_bwd(
             u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], yraw, dout.contiguous(), group_size,
-            delta_scale, f, rope_scale, dxz[..., d:], *dtproj,
+            delta_scale, f, rope_scale, dxz[..., d:], *dtproj, **_saved_rstd(rstd),
         )
         xdbl2, du2 = xdbl.view(-1, xdbl.shape[-1]), du.view(-1, d)
         dxdbl = torch.empty_like(xdbl2)
@@ -259,6 +259,13 @@ def _kernel_has(version: int, mod=None) -> bool:
     swapped in by the benchmarks' --compare-source, lack the later entry points and arguments."""
     mod = _module() if mod is None else mod
     return mod is not None and getattr(mod, "KERNEL_VERSION", 1) >= version
+
+
+def _saved_rstd(rstd: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """defocus_bwd's `rstd` argument: the group norm's rstd that defocus_fwd returned (KERNEL_VERSION >= 6; the
+    backward then skips a pass over yraw), or nothing for builds of older sources (--compare-source), which recompute
+    it."""
+    return {"rstd": rstd[0]} if rstd else {}
 
 
 def _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, shape):

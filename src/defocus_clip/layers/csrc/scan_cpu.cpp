@@ -17,8 +17,10 @@
 //        out = (group_rms_norm(y) + D u) * silu(z)            G = 0: no group norm (the plain Mamba baseline)
 //    A block of channels of one image is copied into thread-local token-major (L, width) buffers; the scan then runs
 //    kW channels at a time, one per vector lane (see grp_fwd; kW = 16 with AVX-512, else 8), while global memory is
-//    only touched in the (Bt, L, D) layout, row by row. defocus_bwd may write dz into a given view (the z half of the
-//    in_proj output's gradient) and also returns the sums of ddt over images and tokens (dt_proj's bias gradient).
+//    only touched in the (Bt, L, D) layout, row by row; the next block's rows are prefetched during a block's scan
+//    (RowPrefetch). defocus_fwd returns out, the scan output y and the group norm's rstd, which defocus_bwd takes
+//    back. defocus_bwd may write dz into a given view (the z half of the in_proj output's gradient) and also returns
+//    the sums of ddt over images and tokens (dt_proj's bias gradient).
 //    Optionally the learnable RoPE of B and C is applied first (freq non-empty), as layers/rope.py defines it:
 //        theta_tn = (t / rope_scale) freq_n,  x'_2i = x_2i cos theta_2i - x_2i+1 sin theta_2i,
 //                                              x'_2i+1 = x_2i+1 cos theta_2i+1 + x_2i sin theta_2i+1
@@ -269,6 +271,44 @@ inline void stream_fence() {
 inline void prefetch(const float* p, int64_t n) {
   for (int64_t k = 0; k < n; k += 16) __builtin_prefetch(p + k);
 }
+
+// The next item's rows, prefetched into L2 a few lines at a time from within the scan's token loops. Why: the chain's
+// element-wise passes read 2 (forward) to 4 (backward) rows of global memory per token and vector, and one core pulls
+// only ~11 GB/s from memory (the fill buffers it can keep in flight), so those passes waited on memory for half of
+// their time; the scan that runs before them is bound by arithmetic and leaves memory idle. rows(): the segments
+// [c0, c1) of tokens 0..L-1 of up to kMax arrays (base + t stride); step() issues the next two lines.
+struct RowPrefetch {
+  static constexpr int kMax = 5;
+  const char* base[kMax];
+  int64_t stride[kMax];  // bytes
+  int arrays = 0, lines = 0, L = 0, a = 0, t = 0, l = 0;
+  const char* p = nullptr;
+  void rows(int64_t L_, int64_t c0, int64_t c1) {
+    L = (int)L_;
+    lines = (int)((c1 - c0 + 15) / 16);
+    arrays = a = t = l = 0;
+  }
+  void add(const float* q, int64_t stride_floats) {
+    if (!q) return;
+    base[arrays] = reinterpret_cast<const char*>(q);
+    stride[arrays] = stride_floats * (int64_t)sizeof(float);
+    if (arrays++ == 0) p = base[0];
+  }
+  __attribute__((always_inline)) inline void step() {
+    if (a >= arrays) return;
+    __builtin_prefetch(p, 0, 2);  // prefetcht1: into L2, not the scan's L1
+    __builtin_prefetch(p + 64, 0, 2);
+    p += 128;
+    if ((l += 2) < lines) return;
+    l = 0;
+    if (++t < L) {
+      p = base[a] + t * stride[a];
+    } else {
+      t = 0;
+      if (++a < arrays) p = base[a];
+    }
+  }
+};
 
 // One channel, forward. a: A row (N). Bl, Cl: (L, N). Writes y (L, stride ys); if hs != nullptr also the states
 // into rows 1..L of hs ((L + 1, N), row 0 = the zero initial state) and the decays exp(delta_t A) into as (L, N).
@@ -681,13 +721,14 @@ inline Blocks chain_blocks(int64_t Bt, int64_t L, int64_t D, int64_t G) {
 // decays into as ((L, N, kW)) for the backward.
 template <int NC, bool kY, bool kStore>
 inline void grp_fwd(const float* u, const float* dl, int64_t s, const float* av, const float* Bl, const float* Cl,
-                    int L, int Nrt, float* y, float* hs, float* as) {
+                    int L, int Nrt, float* y, float* hs, float* as, RowPrefetch* pf = nullptr) {
   const int N = NC > 0 ? NC : Nrt;
   vf h[NC > 0 ? NC : 256];
   for (int n = 0; n < N; ++n) h[n] = vf{};
   if constexpr (kStore)
     for (int n = 0; n < N; ++n) vst(hs + kW * n, vf{});
   for (int t = 0; t < L; ++t) {
+    if (pf) pf->step();
     const vf d = vld<vf>(dl + t * s), du = d * vld<vf>(u + t * s);
     const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
     vf acc[2] = {};  // two sums: half the dependency chain of the y reduction
@@ -789,13 +830,17 @@ template <int n, class F> __attribute__((always_inline)) inline void static_for1
 // across the lanes per token in registers (LaneSums16) and added into the (L, N) rows of the image; grp_bwd instead
 // accumulates (L, N, kW) vectors in memory and sums their lanes once per image, but that buffer (50 KB at L = 50)
 // lives in L2, and its loads and stores, two per state and token, bounded the reverse pass. dC is summed in the
-// recompute, where h_t is in registers; the decays are recomputed in the reverse pass instead of stored and reloaded.
-// Recompute + reverse: 23.6 instead of 29.6 cycles per state vector and token (B/32 shapes, in the kernel).
-// dB, dC: the (L, N) rows of the image, accumulated; the rest as grp_bwd.
+// recompute, where h_t is in registers. Recompute + reverse: 23.6 instead of 29.6 cycles per state vector and token
+// (B/32 shapes, in the kernel). The recompute stores the decays (as, (L, N, kW)) for the reverse pass: one more store
+// per state there, the nine instructions of an exp fewer in the reverse: recompute + reverse 23.1 -> 22.1 cycles per
+// state vector and token (25.6 -> 24.3 with the prefetches below, which compete with the passes' L2 traffic of the
+// 50 KB state and decay buffers for the core's fill buffers).
+// dB, dC: the (L, N) rows of the image, accumulated; pf: the next item's rows, two lines per token of each pass (all
+// in the reverse pass cost the scan more); the rest as grp_bwd.
 __attribute__((always_inline)) inline void grp_bwd16(const float* u, const float* dl, const float* dy, int64_t s,
                                                      const float* av, const float* Bl, const float* Cl, int L,
-                                                     float* hs, float* du, float* ddl, float* dAv, float* dB,
-                                                     float* dC) {
+                                                     float* hs, float* as, float* du, float* ddl, float* dAv,
+                                                     float* dB, float* dC, RowPrefetch* pf) {
   constexpr int N = 16, G = 8;
   {
     __m512 h[N];
@@ -804,6 +849,7 @@ __attribute__((always_inline)) inline void grp_bwd16(const float* u, const float
       _mm512_storeu_ps(hs + kW * n, h[n]);
     }
     for (int t = 0; t < L; ++t) {
+      if (pf) pf->step();
       const vf d = vld<vf>(dl + t * s), dut = d * vld<vf>(u + t * s), dyt = vld<vf>(dy + t * s);
       const float* Bt = Bl + (long)t * N;
       LaneSums16 sc;
@@ -816,6 +862,7 @@ __attribute__((always_inline)) inline void grp_bwd16(const float* u, const float
           for (int j = 0; j < G; ++j) {
             h[n + j] = (__m512)(at[j] * (vf)h[n + j] + dut * Bt[n + j]);
             _mm512_storeu_ps(hs + ((long)(t + 1) * N + n + j) * kW, h[n + j]);
+            _mm512_storeu_ps(as + ((long)t * N + n + j) * kW, (__m512)at[j]);
           }
         }
         sc.add<n>((__m512)((vf)h[n] * dyt));
@@ -826,17 +873,14 @@ __attribute__((always_inline)) inline void grp_bwd16(const float* u, const float
   vf g[N], dAr[N];
   for (int n = 0; n < N; ++n) g[n] = dAr[n] = vf{};
   for (int t = L - 1; t >= 0; --t) {
+    if (pf) pf->step();
     const vf d = vld<vf>(dl + t * s), ut = vld<vf>(u + t * s), dyt = vld<vf>(dy + t * s), dut = d * ut;
     const float *Bt = Bl + (long)t * N, *Ct = Cl + (long)t * N;
-    vf s_ad{}, s_gb{}, at[G];
+    vf s_ad{}, s_gb{};
     LaneSums16 sb;
     static_for16<0>([&](auto nc) __attribute__((always_inline)) {
       constexpr int n = decltype(nc)::value;
-      if constexpr (n % G == 0) {
-        for (int j = 0; j < G; ++j) at[j] = vld<vf>(av + kW * (n + j)) * d;
-        vexp2_n<G>(at);
-      }
-      const vf a = at[n % G];
+      const vf a = vld<vf>(as + ((long)t * N + n) * kW);
       const vf gn = g[n] + dyt * Ct[n];  // g[n] holds a_{t+1} g_{t+1}
       const vf dla = gn * vld<vf>(hs + ((long)t * N + n) * kW) * a;  // h_{t-1}
       dAr[n] += dla * d;
@@ -976,18 +1020,30 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
   const int64_t W = blk.padded;
   auto out = torch::empty({Bt, L, D}, u.options());
   auto yraw = torch::empty({Bt, L, D}, u.options());  // the scan output: saved for the backward
+  // the group norm's 1 / rms per (image, token, group), saved for the backward (empty without the norm)
+  auto rstd = torch::empty({G > 0 ? Bt : 0, L, G > 0 ? D / G : 0}, u.options());
   const float *pu = u.data_ptr<float>(), *pdt = dts.full, *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float* pz = z.data_ptr<float>();
   const int64_t zsb = z.stride(0), zs = z.stride(1);  // z may be a view of the in_proj output (rows of stride 2D)
-  float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>();
-  if constexpr (kAblate >= 2) return {out.zero_(), yraw.zero_()};
+  float *po = out.data_ptr<float>(), *py = yraw.data_ptr<float>(), *pr = rstd.data_ptr<float>();
+  if constexpr (kAblate >= 2) return {out.zero_(), yraw.zero_(), rstd.fill_(1.f)};
   const float inv_scale = 1.f / (float)delta_scale;
-  for_items_dynamic(Bt * blk.count, [&](std::atomic<int64_t>& next) {
+  const int64_t items = Bt * blk.count;
+  for_items_dynamic(items, [&](std::atomic<int64_t>& next) {
     fvec ub(L * W), dlb(L * W), yb(L * W), av(N * kW);  // (L, W) block buffers
-    for (int64_t i = next++; i < Bt * blk.count; i = next++) {
+    RowPrefetch pf;
+    for (int64_t i = next++, j; i < items; i = j) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;  // group-norm segments of the block (one without the norm)
+      j = next++;  // the next item, claimed now: its rows of u, z (and dt) are prefetched during this item's scan
+      if (j < items) {
+        const int64_t b2 = j / blk.count, d0 = (j % blk.count) * blk.width;
+        pf.rows(L, d0, std::min(D, d0 + blk.width));
+        pf.add(pu + b2 * L * D + d0, D);
+        pf.add(pz + b2 * zsb + d0, zs);
+        pf.add(pdt ? pdt + b2 * L * D + d0 : nullptr, D);
+      }
       if (!pdt) dt_block(dts, b, L, c0, c1, dlb.data(), W);  // softplus'ed in place below
       for (int64_t t = 0; t < L; ++t) {
         float *ubt = ub.data() + t * W - c0, *dlt = dlb.data() + t * W - c0;
@@ -1007,7 +1063,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
       for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {
         gather_a(pA, c, c1, N, av.data());
         grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), W, av.data(), pB + b * L * N,
-                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr);
+                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr, j < items ? &pf : nullptr);
       }
       for (int64_t t = 0; t < L; ++t) {  // u from the block buffer: one pass over u in global memory, not two
         const float *ybt = yb.data() + t * W - c0, *ut = ub.data() + t * W - c0, *zt = pz + b * zsb + t * zs;
@@ -1016,6 +1072,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
         for (int64_t s0 = c0; s0 < c1; s0 += seg) {
           const int64_t s1 = std::min(c1, s0 + seg);
           const float r = G > 0 ? 1.f / std::sqrt(sum_squares(ybt, s0, s1) / (float)(s1 - s0) + kGroupEps) : 1.f;
+          if (G > 0) pr[(b * L + t) * (D / G) + s0 / G] = r;
           for_lanes(s0, s1, [&](int64_t c, auto tag) {
             using T = decltype(tag);
             const T y = ld<T>(ybt + c), zz = ld<T>(zt + c);
@@ -1027,13 +1084,14 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
     }
     stream_fence();
   });
-  return {out, yraw};
+  return {out, yraw, rstd};
 }
 
 template <int NC>
 std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts, torch::Tensor A, torch::Tensor Bl,
                                             torch::Tensor Cl, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
-                                            torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor dz) {
+                                            torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor dz,
+                                            torch::Tensor rstd) {
   const int64_t Bt = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
   const Blocks blk = chain_blocks(Bt, L, D, G);
   const int64_t W = blk.padded;
@@ -1051,6 +1109,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
   const float *pu = u.data_ptr<float>(), *pdt = dts.full, *pA = A.data_ptr<float>();
   const float *pB = Bl.data_ptr<float>(), *pC = Cl.data_ptr<float>(), *pD = Dskip.data_ptr<float>();
   const float *pz = z.data_ptr<float>(), *py = yraw.data_ptr<float>(), *pdo = dout.data_ptr<float>();
+  const float* pr = rstd.numel() ? rstd.data_ptr<float>() : nullptr;  // the forward's group rstd, else recomputed
   const int64_t zsb = z.stride(0), zs = z.stride(1);
   float *pdu = du.data_ptr<float>(), *pddt = ddt.data_ptr<float>(), *pdz = dz.data_ptr<float>();
   float *pdA = dA.data_ptr<float>(), *pdB = dB.data_ptr<float>(), *pdC = dC.data_ptr<float>();
@@ -1069,15 +1128,26 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
     // (L, W) block buffers: u; delta, then the scan's d delta; d loss / d y, then the scan's du; and, from the
     // element-wise pass, delta' = sigmoid(dt) / delta_scale and the D-skip part of du
     fvec ub(L * W), dlb(L * W), dyb(L * W), sgb(L * W), dsk(L * W);
-    fvec hs((L + 1) * N * kW), as(kLaneSums ? 0 : L * N * kW), av(N * kW), dAv(N * kW),
+    fvec hs((L + 1) * N * kW), as(L * N * kW), av(N * kW), dAv(N * kW),
         dBv(kLaneSums ? 0 : L * N * kW, 0.f), dCv(kLaneSums ? 0 : L * N * kW, 0.f);
     // per-thread sums over images / channels; lB, lC: (Bt, L, N), images b_lo..b_hi touched
     std::vector<float> lA(D * N, 0.f), lD(D, 0.f), ls(D, 0.f), lB(Bt * L * N, 0.f), lC(Bt * L * N, 0.f);
     fvec lX(lowrank ? Bt * L * rp : 0, 0.f), lW(lowrank ? D * rp : 0, 0.f), xr(lowrank ? L * rp : 0, 0.f);
     int64_t b_lo = Bt, b_hi = -1, xr_b = -1;  // xr holds x_lr of image xr_b
+    RowPrefetch pf;
     for (int64_t i = next++, j; i < items; i = j) {
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;
+      j = next++;  // the next item, claimed now: its rows of yraw, u, dout, z (and dt) are prefetched during the scan
+      if (j < items) {
+        const int64_t b2 = j / blk.count, d0 = (j % blk.count) * blk.width;
+        pf.rows(L, d0, std::min(D, d0 + blk.width));
+        pf.add(py + b2 * L * D + d0, D);
+        pf.add(pu + b2 * L * D + d0, D);
+        pf.add(pdo + b2 * L * D + d0, D);
+        pf.add(pz + b2 * zsb + d0, zs);
+        pf.add(pdt ? pdt + b2 * L * D + d0 : nullptr, D);
+      }
       if (!pdt) dt_block(dts, b, L, c0, c1, dlb.data(), W);  // read, then overwritten by delta, below
       // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token and segment
       for (int64_t t = 0; t < L; ++t) {
@@ -1092,7 +1162,9 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
         if (t + 2 < L) prefetch(zt + 2 * zs + c0, c1 - c0);
         for (int64_t s0 = c0; s0 < c1; s0 += seg) {
           const int64_t s1 = std::min(c1, s0 + seg);
-          const float r = G > 0 ? 1.f / std::sqrt(sum_squares(yt, s0, s1) / (float)(s1 - s0) + kGroupEps) : 1.f;
+          const float r = G == 0 ? 1.f
+                          : pr ? pr[(b * L + t) * (D / G) + s0 / G]
+                               : 1.f / std::sqrt(sum_squares(yt, s0, s1) / (float)(s1 - s0) + kGroupEps);
           vf dotv{};
           float dots = 0.f;
           for_lanes(s0, s1, [&](int64_t c, auto tag) {
@@ -1129,8 +1201,8 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
 #if defined(__AVX512F__)
         if constexpr (kLaneSums)
           grp_bwd16(ub.data() + o, dlb.data() + o, dyb.data() + o, W, av.data(), pB + b * L * N, pC + b * L * N, L,
-                    hs.data(), dyb.data() + o, dlb.data() + o, dAv.data(), lB.data() + b * L * N,
-                    lC.data() + b * L * N);
+                    hs.data(), as.data(), dyb.data() + o, dlb.data() + o, dAv.data(), lB.data() + b * L * N,
+                    lC.data() + b * L * N, j < items ? &pf : nullptr);
         else
 #endif
           grp_bwd<NC>(ub.data() + o, dlb.data() + o, dyb.data() + o, W, av.data(), pB + b * L * N, pC + b * L * N,
@@ -1141,7 +1213,6 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
       b_lo = std::min(b_lo, b);
       b_hi = std::max(b_hi, b);
       // the thread's last block of this image: sum the lanes once (grp_bwd16 summed them already)
-      j = next++;
       if (!kLaneSums && (j >= items || j / blk.count != b)) {
         const int64_t off = b * L * N;
         for (int64_t k = 0; k < L * N; ++k) {
@@ -1356,18 +1427,26 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
                                        torch::Tensor Cx, torch::Tensor Dskip, torch::Tensor z, torch::Tensor yraw,
                                        torch::Tensor dout, int64_t G, double delta_scale, torch::Tensor freq,
                                        double rope_scale, c10::optional<torch::Tensor> dz_out,
-                                       c10::optional<torch::Tensor> dt_weight, c10::optional<torch::Tensor> dt_bias) {
+                                       c10::optional<torch::Tensor> dt_weight, c10::optional<torch::Tensor> dt_bias,
+                                       c10::optional<torch::Tensor> rstd_saved) {
   const auto dt_w = or_empty(dt_weight, u), dt_b = or_empty(dt_bias, u);
   check_defocus(u, dt, A, Bx, Cx, Dskip, z, G, freq, dt_w, dt_b);
   check(yraw, "yraw", 3);
   check(dout, "dout", 3);
   TORCH_CHECK(yraw.sizes() == u.sizes() && dout.sizes() == u.sizes(), "yraw and dout must be (Bt, L, D) like u");
+  const auto rstd = or_empty(rstd_saved, u);
+  if (rstd.numel() > 0) {
+    check(rstd, "rstd", 3);
+    TORCH_CHECK(G > 0 && rstd.size(0) == u.size(0) && rstd.size(1) == u.size(1) && rstd.size(2) == u.size(2) / G,
+                "rstd must be the forward's (Bt, L, D / group_size) group rstd");
+  }
   auto dz = output_like(dz_out, u, "dz");
   std::vector<float> cs, sn;
   rope_tables(freq, u.size(1), rope_scale, cs, sn);
   auto Bl = rope_rotate(Bx, cs, sn), Cl = rope_rotate(Cx, cs, sn);
   const DtSource dts = dt_source(dt, dt_w, dt_b, true);
-  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dts, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale, dz);
+  auto g = DISPATCH_NC(A.size(1), defocus_bwd_impl, u, dts, A, Bl, Cl, Dskip, z, yraw, dout, G, delta_scale, dz,
+                       rstd);
   std::vector<double> df(A.size(1), 0.0);
   rope_backward(Bx, g[3], cs, sn, rope_scale, df);
   rope_backward(Cx, g[4], cs, sn, rope_scale, df);
@@ -1383,15 +1462,17 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj; 4: and returns its
-  // gradients instead of ddt; 5: rms_bwd adds the residual's gradient (dres) (layers/scan_cpu.py)
-  m.attr("KERNEL_VERSION") = 5;
+  // gradients instead of ddt; 5: rms_bwd adds the residual's gradient (dres); 6: defocus_fwd also returns the group
+  // rstd, which defocus_bwd takes (rstd=) (layers/scan_cpu.py)
+  m.attr("KERNEL_VERSION") = 6;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
   m.def("conv_bwd", &conv_bwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dout"), py::arg("dx") = py::none());
-  m.def("defocus_fwd", &defocus_fwd, "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward",
+  m.def("defocus_fwd", &defocus_fwd,
+        "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward, returns (out, yraw, group rstd)",
         py::arg("u"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("group_size"), py::arg("delta_scale"), py::arg("freq"), py::arg("rope_scale"),
         py::arg("dt_weight") = py::none(), py::arg("dt_bias") = py::none());
@@ -1399,7 +1480,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("yraw"), py::arg("dout"), py::arg("group_size"), py::arg("delta_scale"), py::arg("freq"),
         py::arg("rope_scale"), py::arg("dz") = py::none(), py::arg("dt_weight") = py::none(),
-        py::arg("dt_bias") = py::none());
+        py::arg("dt_bias") = py::none(), py::arg("rstd") = py::none());
   m.def("rms_fwd", &rms_fwd, "RMSNorm over the last dim of (R, C): forward, returns (y, rstd)");
   m.def("rms_bwd", &rms_bwd, "RMSNorm over the last dim of (R, C): backward, returns (dx, dweight)", py::arg("dy"),
         py::arg("x"), py::arg("w"), py::arg("rstd"), py::arg("dres") = py::none());
