@@ -739,7 +739,7 @@ inline Blocks chain_blocks(int64_t Bt, int64_t L, int64_t D, int64_t G) {
 // NC: N at compile time (16: the Mamba models, loops unrolled), 0: any N (runtime, <= 256).
 // av: A log2(e) of the kW channels, (N, kW) (gather_a). Bl, Cl: (L, N) of the image. s: the row stride of u, dl, y,
 // dy, du, ddl. kStore: also write the states h_1..h_L into rows 1..L of hs ((L + 1, N, kW), row 0 zeros) and the
-// decays into as ((L, N, kW)) for the backward.
+// decays into as ((L, N, kW)) for the backward. pf (optional): the next item's rows, two lines per token.
 template <int NC, bool kY, bool kStore>
 inline void grp_fwd(const float* u, const float* dl, int64_t s, const float* av, const float* Bl, const float* Cl,
                     int L, int Nrt, float* y, float* hs, float* as, RowPrefetch* pf = nullptr) {
@@ -1084,7 +1084,8 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
       for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {
         gather_a(pA, c, c1, N, av.data());
         grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), W, av.data(), pB + b * L * N,
-                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr, j < items ? &pf : nullptr);
+                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr,
+                                 j < items ? &pf : nullptr);
       }
       for (int64_t t = 0; t < L; ++t) {  // u from the block buffer: one pass over u in global memory, not two
         const float *ybt = yb.data() + t * W - c0, *ut = ub.data() + t * W - c0, *zt = pz + b * zsb + t * zs;
