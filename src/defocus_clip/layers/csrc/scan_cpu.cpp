@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <atomic>
 #include <mutex>
 #include <new>
@@ -296,24 +297,29 @@ inline void prefetch(const float* p, int64_t n) {
 // The next item's rows, prefetched into L2 a few lines at a time from within the scan's token loops. Why: the chain's
 // element-wise passes read 2 (forward) to 4 (backward) rows of global memory per token and vector, and one core pulls
 // only ~11 GB/s from memory (the fill buffers it can keep in flight), so those passes waited on memory for half of
-// their time; the scan that runs before them is bound by arithmetic and leaves memory idle. rows(): the segments
-// [c0, c1) of tokens 0..L-1 of up to kMax arrays (base + t stride); step() issues the next two lines.
+// their time; the scan that runs before them is bound by arithmetic and leaves memory idle. aim(): columns [c0, c1)
+// of tokens 0..L-1 of one image of up to kMax arrays (ArrayRows); step() issues the next two lines.
+struct ArrayRows {
+  const float* base;                // image 0, column 0; nullptr: no such array (skipped)
+  int64_t image_stride, row_stride;  // floats
+};
+
 struct RowPrefetch {
   static constexpr int kMax = 5;
   const char* base[kMax];
   int64_t stride[kMax];  // bytes
   int arrays = 0, lines = 0, L = 0, a = 0, t = 0, l = 0;
   const char* p = nullptr;
-  void rows(int64_t L_, int64_t c0, int64_t c1) {
+  void aim(int64_t L_, int64_t b, int64_t c0, int64_t c1, std::initializer_list<ArrayRows> rows) {
     L = (int)L_;
     lines = (int)((c1 - c0 + 15) / 16);
     arrays = a = t = l = 0;
-  }
-  void add(const float* q, int64_t stride_floats) {
-    if (!q) return;
-    base[arrays] = reinterpret_cast<const char*>(q);
-    stride[arrays] = stride_floats * (int64_t)sizeof(float);
-    if (arrays++ == 0) p = base[0];
+    for (const ArrayRows& r : rows) {
+      if (!r.base || arrays == kMax) continue;
+      base[arrays] = reinterpret_cast<const char*>(r.base + b * r.image_stride + c0);
+      stride[arrays++] = r.row_stride * (int64_t)sizeof(float);
+    }
+    p = arrays ? base[0] : nullptr;
   }
   __attribute__((always_inline)) inline void step() {
     if (a >= arrays) return;
@@ -732,6 +738,16 @@ inline Blocks chain_blocks(int64_t Bt, int64_t L, int64_t D, int64_t G) {
   return {width, (D + width - 1) / width, (width + kW - 1) / kW * kW};
 }
 
+// pf aimed at the rows of item j (image j / count, its block of channels) of the given arrays, or nullptr when there
+// is no item j: the chain claims the next item before running the current one's scan, during which it prefetches.
+inline RowPrefetch* aim_at_item(RowPrefetch& pf, int64_t j, int64_t items, const Blocks& blk, int64_t L, int64_t D,
+                                std::initializer_list<ArrayRows> rows) {
+  if (j >= items) return nullptr;
+  const int64_t c0 = (j % blk.count) * blk.width;
+  pf.aim(L, j / blk.count, c0, std::min(D, c0 + blk.width), rows);
+  return &pf;
+}
+
 // The chain's scan runs kW channels at a time, one channel per vector lane, over token-major (L, padded) block
 // buffers (pad lanes hold u = delta = dy = 0 and contribute exactly nothing). Every per-channel quantity (y, du,
 // ddelta, dA) is then lane-wise, with no horizontal sums in the token loop; the sums over channels (dB, dC) are
@@ -1058,13 +1074,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;  // group-norm segments of the block (one without the norm)
       j = next++;  // the next item, claimed now: its rows of u, z (and dt) are prefetched during this item's scan
-      if (j < items) {
-        const int64_t b2 = j / blk.count, d0 = (j % blk.count) * blk.width;
-        pf.rows(L, d0, std::min(D, d0 + blk.width));
-        pf.add(pu + b2 * L * D + d0, D);
-        pf.add(pz + b2 * zsb + d0, zs);
-        pf.add(pdt ? pdt + b2 * L * D + d0 : nullptr, D);
-      }
+      RowPrefetch* next_rows = aim_at_item(pf, j, items, blk, L, D, {{pu, L * D, D}, {pz, zsb, zs}, {pdt, L * D, D}});
       if (!pdt) dt_block(dts, b, L, c0, c1, dlb.data(), W);  // softplus'ed in place below
       for (int64_t t = 0; t < L; ++t) {
         float *ubt = ub.data() + t * W - c0, *dlt = dlb.data() + t * W - c0;
@@ -1084,8 +1094,7 @@ std::vector<torch::Tensor> defocus_fwd_impl(torch::Tensor u, const DtSource& dts
       for (int64_t c = c0; c < c1 && kAblate < 1; c += kW) {
         gather_a(pA, c, c1, N, av.data());
         grp_fwd<NC, true, false>(ub.data() + (c - c0), dlb.data() + (c - c0), W, av.data(), pB + b * L * N,
-                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr,
-                                 j < items ? &pf : nullptr);
+                                 pC + b * L * N, L, N, yb.data() + (c - c0), nullptr, nullptr, next_rows);
       }
       for (int64_t t = 0; t < L; ++t) {  // u from the block buffer: one pass over u in global memory, not two
         const float *ybt = yb.data() + t * W - c0, *ut = ub.data() + t * W - c0, *zt = pz + b * zsb + t * zs;
@@ -1161,15 +1170,9 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
       const int64_t b = i / blk.count, c0 = (i % blk.count) * blk.width, c1 = std::min(D, c0 + blk.width);
       const int64_t seg = G > 0 ? G : c1 - c0;
       j = next++;  // the next item, claimed now: its rows of yraw, u, dout, z (and dt) are prefetched during the scan
-      if (j < items) {
-        const int64_t b2 = j / blk.count, d0 = (j % blk.count) * blk.width;
-        pf.rows(L, d0, std::min(D, d0 + blk.width));
-        pf.add(py + b2 * L * D + d0, D);
-        pf.add(pu + b2 * L * D + d0, D);
-        pf.add(pdo + b2 * L * D + d0, D);
-        pf.add(pz + b2 * zsb + d0, zs);
-        pf.add(pdt ? pdt + b2 * L * D + d0 : nullptr, D);
-      }
+      RowPrefetch* next_rows = aim_at_item(pf, j, items, blk, L, D,
+                                           {{py, L * D, D}, {pu, L * D, D}, {pdo, L * D, D}, {pz, zsb, zs},
+                                            {pdt, L * D, D}});
       if (!pdt) dt_block(dts, b, L, c0, c1, dlb.data(), W);  // read, then overwritten by delta, below
       // out = (yn + D u) * s, s = silu(z); yn = y * r: gradients of the element-wise chain, per token and segment
       for (int64_t t = 0; t < L; ++t) {
@@ -1224,7 +1227,7 @@ std::vector<torch::Tensor> defocus_bwd_impl(torch::Tensor u, const DtSource& dts
         if constexpr (kLaneSums)
           grp_bwd16(ub.data() + o, dlb.data() + o, dyb.data() + o, W, av.data(), pB + b * L * N, pC + b * L * N, L,
                     hs.data(), as.data(), dyb.data() + o, dlb.data() + o, dAv.data(), lB.data() + b * L * N,
-                    lC.data() + b * L * N, j < items ? &pf : nullptr);
+                    lC.data() + b * L * N, next_rows);
         else
 #endif
           grp_bwd<NC>(ub.data() + o, dlb.data() + o, dyb.data() + o, W, av.data(), pB + b * L * N, pC + b * L * N,
