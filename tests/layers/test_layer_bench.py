@@ -93,3 +93,54 @@ def test_unknown_ablation_is_refused_by_name():
         towers.other_kernels(ablate=("conv",))
     with pytest.raises(SystemExit):
         towers.main(["--layer", "--ablate", "conv"])
+
+
+def test_time_steps_counts_the_page_faults_of_each_timed_step():
+    """A step that faults in fresh memory shows it: the signal that the warm-up left heap growth in the timed steps."""
+    import mmap
+
+    import numpy as np
+
+    from defocus_clip.bench.measure import summarise, time_steps
+
+    maps = []
+
+    def grow():  # every step maps and touches 64 MB more: fresh pages, as a heap that still grows
+        maps.append(mmap.mmap(-1, 64 * 2**20))
+        np.frombuffer(maps[-1], dtype=np.uint8)[::4096] = 1
+
+    try:
+        r = time_steps(grow, batch_size=1, steps=2, warmup=0)
+    finally:
+        for m in maps:
+            m.close()
+    assert len(r["step_times_s"]) == len(r["page_faults"]) == 2
+    assert all(f is None or f > 1000 for f in r["page_faults"])
+    quiet = time_steps(lambda: None, batch_size=1, steps=2, warmup=1)
+    assert all(f is None or f < 1000 for f in quiet["page_faults"])
+    summary = summarise([r, quiet])
+    assert summary["page_faults_runs"] == [r["page_faults"], quiet["page_faults"]]
+    assert summary["step_times_s_runs"] == [r["step_times_s"], quiet["step_times_s"]]
+
+
+def test_profile_lists_the_matrix_products_by_shape():
+    text = towers.profile_tower("DeFocus-Mamba-Tiny-8", batch_size=2, image_size=64, steps=1, threads=1)
+    assert "matrix products by shape" in text
+    rows = [line.split() for line in text.split("matrix products by shape")[1].splitlines()[2:] if line.strip()]
+    assert rows and all(float(r[0]) >= 0 and float(r[-1]) >= 0 and r[1].startswith("aten::") for r in rows)
+    assert any("@" in " ".join(r) for r in rows)
+
+
+def test_gemm_bench_alternates_towers_and_accounts_their_matrix_products():
+    result = towers.bench_gemms(["ViT-B-32", "DeFocus-Mamba-Tiny-8"], batch_size=1, image_size=64, steps=2, warmup=0,
+                                threads=1)
+    rows = result["models"]
+    assert list(rows) == ["clip:ViT-B-32", "clip:DeFocus-Mamba-Tiny-8"]
+    for r in rows.values():
+        assert 0 < r["gemm_s"] < r["step_s"]
+        assert sum(s for s, _ in r["rows"].values()) / 2 == pytest.approx(r["gemm_s"])
+        assert all(op.startswith("aten::") and calls % 2 == 0 for (op, *_), (_, calls) in r["rows"].items())
+    # ViT-B-32's fc1 forward at 64 px: (1 image x 5 tokens) @ [768, 3072], in all 12 blocks of both steps
+    assert rows["clip:ViT-B-32"]["rows"][("aten::addmm", 5, 768, 3072)][1] == 24
+    text = towers.format_gemms(result)
+    assert "clip:DeFocus-Mamba-Tiny-8: step" in text and text.count("matrix products by shape") == 2

@@ -22,7 +22,10 @@ class BenchOptions:
     batch_size: int = 32
     image_size: int = 224
     steps: int = 3  # timed steps per repeat
-    warmup: int = 1  # untimed steps per repeat
+    # untimed steps per repeat. Two: a fresh process still grows its heap in its second step (De-focus Mamba-B/32,
+    # batch 32: 282k page faults, 0.7 s of system time, against ~15k per step after it), which one warm-up step
+    # left inside the timed steps
+    warmup: int = 2
     repeats: int = 3  # interleaved repeats (fresh process per model and repeat); the medians are reported
     models: list[str] | None = None  # None: each benchmark's default list
     threads: int | None = None  # torch threads in the measuring processes; None: torch's default

@@ -62,7 +62,7 @@ def _run_worker(model: str, batch_size: int, steps: int, warmup: int, threads: i
                       f"the CLIP step of {model}")
 
 
-def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 1, repeats: int = 3,
+def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 2, repeats: int = 3,
                     models: list[str] | None = None, threads: int | None = None) -> dict:
     """Median images/s and peak step memory of a CLIP training step per model, with ratios to ViT-B-32."""
     models = list(models or DEFAULT_MODELS)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--models", nargs="+")

@@ -49,8 +49,18 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def page_faults() -> int | None:
+    """Minor page faults of this process so far (None where `resource` does not exist)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: int) -> dict:
-    """Run `warmup` untimed and `steps` timed calls of `step`; median time, images/s and peak step memory.
+    """Run `warmup` untimed and `steps` timed calls of `step`; median time, images/s, peak step memory, and the minor
+    page faults of each timed step (a step that still grows the heap faults in ~1 GB of pages: too few warm-up steps).
 
     The objects alive before the steps (imports, model) are frozen out of the cyclic garbage collector during the
     steps, as the trainer does (`train.loop.gc_frozen`): its full passes are noise of the process, not of the model."""
@@ -63,15 +73,16 @@ def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: in
     with gc_frozen():
         for _ in range(warmup):
             step()
-        times = []
+        times, faults = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            f0, t0 = page_faults(), time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+            faults.append(page_faults() - f0 if f0 is not None else None)
     peak = peak_mb()
     step_s = statistics.median(times)
     return {
-        "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
+        "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times], "page_faults": faults,
         "img_s": round(batch_size / step_s, 2), "peak_step_mb": round(peak - base, 1) if exact else None,
         "peak_rss_mb": round(peak, 1), "threads": torch.get_num_threads(),
     }
@@ -112,6 +123,10 @@ def summarise(runs: list[dict]) -> dict:
         "img_s": round(statistics.median(r["img_s"] for r in runs), 2), "img_s_runs": [r["img_s"] for r in runs],
         "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None,
         "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs), 1),
+        # per repeat, per timed step: the raw data behind the medians (a step far slower than the others with ~10x
+        # the page faults of the rest still grew the heap: raise --warmup)
+        "step_times_s_runs": [r.get("step_times_s") for r in runs],
+        "page_faults_runs": [r.get("page_faults") for r in runs],
     }
 
 

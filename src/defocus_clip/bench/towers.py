@@ -11,6 +11,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
 
     python -m defocus_clip.bench.towers [--models ViT-B-32 DeFocus-Mamba-B-32] [--batch-size 8]
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
+    python -m defocus_clip.bench.towers --gemms --steps 4                              # GEMMs by shape, paired
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
     python -m defocus_clip.bench.towers --interleaved --ablate scan chain              # + ceilings (parts left out)
@@ -30,6 +31,7 @@ import contextlib
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 from .measure import add_ratios, machine_info, run_worker, summarise, time_interleaved, time_steps
@@ -122,7 +124,7 @@ def _run_worker(spec: str, batch_size: int, image_size: int, steps: int, warmup:
     return run_worker("defocus_clip.bench.towers", args, spec)
 
 
-def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, warmup: int = 1, repeats: int = 3,
+def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, warmup: int = 2, repeats: int = 3,
                  models: list[str] | None = None, threads: int | None = None) -> dict:
     """Interleaved repeats of `measure` in fresh processes; medians and ratios against ViT-B-32."""
     from ..layers import scan_cpu
@@ -192,7 +194,7 @@ def other_kernels(compare_source: str | None = None, ablate: tuple[str, ...] = (
 
 
 def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, image_size: int = 224, steps: int = 8,
-                      warmup: int = 1, threads: int | None = None, compare_source: str | None = None,
+                      warmup: int = 2, threads: int | None = None, compare_source: str | None = None,
                       ablate: tuple[str, ...] = ()) -> dict:
     """Speed only, all towers in this process, one step of each in turn (rotating order), so that every ratio pairs
     steps taken within seconds of each other: on a shared machine whose speed swings by +-20% within minutes, the
@@ -253,8 +255,9 @@ def format_interleaved(result: dict) -> str:
 
 def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, row_limit: int = 25,
                   threads: int | None = None, device: str = "cpu") -> str:
-    """torch.profiler table of `steps` forward+backward steps after one warm-up step: self CPU time per op, or on
-    CUDA (bf16 autocast, as `bench_cuda`) self device time per op and kernel."""
+    """torch.profiler table of `steps` forward+backward steps after one warm-up step: self CPU time per op, then (CPU)
+    the matrix products by shape with their GFLOP/s; or on CUDA (bf16 autocast, as `bench_cuda`) self device time per
+    op and kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -272,13 +275,95 @@ def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, r
 
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=not cuda) as prof:
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize()
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+    return table if cuda else f"{table}\n{gemm_table(gemm_rows(prof), steps)}"
+
+
+_GEMMS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}  # op -> argument indices of (a, b)
+
+
+def gemm_rows(prof, into: dict | None = None) -> dict:
+    """The matrix products of a CPU profile recorded with shapes, summed by (op, m, k, n) into `into` (or a new dict):
+    {(op, m, k, n): [seconds, calls]}."""
+    rows = {} if into is None else into
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in _GEMMS or not e.input_shapes:
+            continue
+        ia, ib = _GEMMS[e.key]
+        (m, k), (_, n) = e.input_shapes[ia], e.input_shapes[ib]
+        row = rows.setdefault((e.key, m, k, n), [0.0, 0])
+        row[0] += e.self_cpu_time_total / 1e6
+        row[1] += e.count
+    return rows
+
+
+def gemm_table(rows: dict, steps: int) -> str:
+    """`gemm_rows` per step: seconds, calls and GFLOP/s by shape. Why: on the CPU most of a tower step is MKL's GEMMs,
+    and two towers with the same FLOPs differ in which shapes, which run at different rates (e.g. x_proj's N = 80 at
+    ~60% of the rate of the large projections)."""
+    total = sum(seconds for seconds, _ in rows.values())
+    lines = [f"matrix products by shape (per step; {total / steps:.3f} s per step in all)",
+             f"  {'s/step':>7}  {'op':13} {'shape':28} {'calls':>5} {'GFLOP/s':>8}"]
+    for (op, m, k, n), (seconds, calls) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        rate = 2 * m * k * n * calls / seconds / 1e9 if seconds else 0.0
+        shape = f"[{m}, {k}] @ [{k}, {n}]"
+        lines.append(f"  {seconds / steps:7.3f}  {op:13} {shape:28} {calls // steps:5d} {rate:8.1f}")
+    return "\n".join(lines)
+
+
+def bench_gemms(models: list[str] | None = None, batch_size: int = 32, image_size: int = 224, steps: int = 4,
+                warmup: int = 2, threads: int | None = None) -> dict:
+    """Step time and its matrix products by shape for every tower, in one process with the towers' steps alternating
+    (rotating order), each step under torch.profiler: the same GEMM shapes of two towers compared seconds apart, where
+    separate runs on a shared machine differ by more than the effect (a 7% "slower" in_proj of one run was the
+    machine's). Profiled steps run slower than unprofiled ones; compare the towers, not these times to `bench`'s."""
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    towers = {spec: build_tower(spec, image_size).train() for spec in specs}
+
+    def step(spec: str) -> None:
+        towers[spec](images).square().mean().backward()
+        towers[spec].zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        for spec in specs:
+            step(spec)
+    gc.collect()
+    rows = {spec: {} for spec in specs}
+    wall = dict.fromkeys(specs, 0.0)
+    for r in range(steps):
+        for spec in specs[r % len(specs):] + specs[:r % len(specs)]:
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                step(spec)
+            wall[spec] += time.perf_counter() - t0
+            gemm_rows(prof, rows[spec])
+    return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "threads": torch.get_num_threads(),
+            "models": {spec: {"step_s": wall[spec] / steps, "gemm_s": sum(v[0] for v in rows[spec].values()) / steps,
+                              "rows": rows[spec]} for spec in specs}}
+
+
+def format_gemms(result: dict) -> str:
+    lines = [f"matrix products per tower, steps alternating in one process under torch.profiler: batch "
+             f"{result['batch_size']}, {result['image_size']} px, {result['threads']} threads, {result['steps']} steps "
+             f"each"]
+    for spec, r in result["models"].items():
+        lines += ["", f"{spec}: step {r['step_s']:.3f} s = matrix products {r['gemm_s']:.3f} s + the rest "
+                      f"{r['step_s'] - r['gemm_s']:.3f} s", gemm_table(r["rows"], result["steps"])]
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -677,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     p.add_argument("--profile", default=None, metavar="MODEL", help="print a per-op torch.profiler table")
     p.add_argument("--layer", action="store_true", help="one Mamba layer vs one ViT block, same process")
+    p.add_argument("--gemms", action="store_true",
+                   help="step time and matrix products by shape of all --models, steps alternating in one process")
     p.add_argument("--interleaved", action="store_true",
                    help="speed only: all --models in one process, steps interleaved (paired ratios)")
     p.add_argument("--compare-source", default=None, metavar="CPP",
@@ -698,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -729,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
                                        compare_source=a.compare_source, ablate=tuple(a.ablate))))
     elif a.profile:
         print(profile_tower(a.profile, a.batch_size, a.image_size, a.steps, threads=a.threads))
+    elif a.gemms:
+        print(format_gemms(bench_gemms(a.models, a.batch_size, a.image_size, max(a.steps, 1), a.warmup, a.threads)))
     else:
         print(format_towers(bench_towers(a.batch_size, a.image_size, a.steps, a.warmup, a.repeats, a.models,
                                          a.threads)))
