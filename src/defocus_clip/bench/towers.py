@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 from .measure import add_ratios, machine_info, run_worker, summarise, time_interleaved, time_steps
@@ -323,8 +322,6 @@ def bench_gemms(models: list[str] | None = None, batch_size: int = 32, image_siz
     (rotating order), each step under torch.profiler: the same GEMM shapes of two towers compared seconds apart, where
     separate runs on a shared machine differ by more than the effect (a 7% "slower" in_proj of one run was the
     machine's). Profiled steps run slower than unprofiled ones; compare the towers, not these times to `bench`'s."""
-    import gc
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -333,27 +330,27 @@ def bench_gemms(models: list[str] | None = None, batch_size: int = 32, image_siz
     specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
     images = torch.randn(batch_size, 3, image_size, image_size)
     towers = {spec: build_tower(spec, image_size).train() for spec in specs}
+    profiles: dict[str, list] = {spec: [] for spec in specs}
 
     def step(spec: str) -> None:
         towers[spec](images).square().mean().backward()
         towers[spec].zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        for spec in specs:
+    def profiled_step(spec: str) -> None:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step(spec)
-    gc.collect()
+        profiles[spec].append(prof)  # read after the steps: reading takes time of its own
+
+    time_interleaved(step, specs, 0, warmup)
+    times = time_interleaved(profiled_step, specs, steps, 0)
     rows = {spec: {} for spec in specs}
-    wall = dict.fromkeys(specs, 0.0)
-    for r in range(steps):
-        for spec in specs[r % len(specs):] + specs[:r % len(specs)]:
-            t0 = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                step(spec)
-            wall[spec] += time.perf_counter() - t0
+    for spec in specs:
+        for prof in profiles[spec]:
             gemm_rows(prof, rows[spec])
     return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "threads": torch.get_num_threads(),
-            "models": {spec: {"step_s": wall[spec] / steps, "gemm_s": sum(v[0] for v in rows[spec].values()) / steps,
-                              "rows": rows[spec]} for spec in specs}}
+            "models": {spec: {"step_s": sum(times[spec]) / steps,
+                              "gemm_s": sum(v[0] for v in rows[spec].values()) / steps, "rows": rows[spec]}
+                       for spec in specs}}
 
 
 def format_gemms(result: dict) -> str:
