@@ -117,14 +117,14 @@ def run_worker(module: str, args: list[str], what: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Median images/s and peak step memory over the repeats of one model."""
+    """Median images/s and peak step memory over the repeats of one model, with each repeat's step times and page
+    faults."""
     peaks = [r["peak_step_mb"] for r in runs if r["peak_step_mb"] is not None]
     return {
         "img_s": round(statistics.median(r["img_s"] for r in runs), 2), "img_s_runs": [r["img_s"] for r in runs],
         "peak_step_mb": round(statistics.median(peaks), 1) if peaks else None,
         "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs), 1),
-        # per repeat, per timed step: the raw data behind the medians (a step far slower than the others with ~10x
-        # the page faults of the rest still grew the heap: raise --warmup)
+        # a step far slower than the others with ~10x their page faults still grew the heap: raise --warmup
         "step_times_s_runs": [r.get("step_times_s") for r in runs],
         "page_faults_runs": [r.get("page_faults") for r in runs],
     }
