@@ -96,6 +96,12 @@ def build_tower(spec: str, image_size: int):
     return tower.train()
 
 
+def train_step(tower, images) -> None:
+    """The step every CPU tower benchmark times: forward, `square().mean()` of the output, backward, gradients freed."""
+    tower(images).float().square().mean().backward()
+    tower.zero_grad(set_to_none=True)
+
+
 def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
     """One model in this process: median forward+backward step time, images/s and peak step memory."""
     import torch
@@ -109,12 +115,8 @@ def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int
     images = torch.randn(batch_size, 3, image_size, image_size)
     params = sum(p.numel() for p in tower.parameters())
 
-    def step():
-        tower(images).float().square().mean().backward()
-        tower.zero_grad(set_to_none=True)
-
     return {"model": spec, "params_m": round(params / 1e6, 2), "scan_impl": resolve_scan_impl("cpu"),
-            **time_steps(step, batch_size, steps, warmup)}
+            **time_steps(lambda: train_step(tower, images), batch_size, steps, warmup)}
 
 
 def _run_worker(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
@@ -218,10 +220,8 @@ def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, ima
     names = [*specs, *kernels]
 
     def step(name: str) -> None:
-        tower = towers.get(name, towers.get(GOAL_MODEL))
         with _kernel(kernels[name]) if name in kernels else contextlib.nullcontext():
-            tower(images).float().square().mean().backward()
-        tower.zero_grad(set_to_none=True)
+            train_step(towers.get(name, towers.get(GOAL_MODEL)), images)
 
     times = time_interleaved(step, names, steps, warmup)
     base = times[BASELINE]
@@ -333,8 +333,7 @@ def bench_gemms(models: list[str] | None = None, batch_size: int = 32, image_siz
     profiles: dict[str, list] = {spec: [] for spec in specs}
 
     def step(spec: str) -> None:
-        towers[spec](images).square().mean().backward()
-        towers[spec].zero_grad(set_to_none=True)
+        train_step(towers[spec], images)
 
     def profiled_step(spec: str) -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
