@@ -3,10 +3,13 @@ interpreter on CPU tensors (tests/conftest.py switches it on), so CI runs the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_scan import make_inputs, recurrence, rel_err
 
+from defocus_clip.errors import ConfigError
 from defocus_clip.layers import scan as scan_mod
 from defocus_clip.layers.scan import ScanUnavailableError, resolve_scan_impl, selective_scan
 
@@ -18,6 +21,18 @@ pytestmark = pytest.mark.skipif(
 )
 # several chunks on small shapes: the backward's chunk-to-chunk carries and the forward's saved chunk starts
 SHORT_CHUNKS = scan_triton.TritonScanConfig(chunk=4, fwd_block_d=4, bwd_tile=16)
+# both backward kernels; 'states' with 2-channel tiles, 4 channels per program: several tiles per program (their dB,
+# dC partial sums added up) and, at odd channel counts, a padded last tile
+BWD_KERNELS = {"per_state": {"bwd_kernel": "per_state"},
+               "states": {"bwd_kernel": "states", "bwd_block_d": 2, "bwd_group": 4}}
+
+
+@pytest.fixture(params=sorted(BWD_KERNELS))
+def bwd_kernel(request, monkeypatch):
+    """Runs the test once per backward kernel (`TritonScanConfig.bwd_kernel`); returns the config's overrides."""
+    overrides = BWD_KERNELS[request.param]
+    monkeypatch.setattr(scan_triton, "CONFIG", dataclasses.replace(scan_triton.CONFIG, **overrides))
+    return overrides
 
 
 def check_against_recurrence(inputs, tol=1e-5, grad_tol=1e-4):
@@ -43,20 +58,20 @@ def check_against_recurrence(inputs, tol=1e-5, grad_tol=1e-4):
 @pytest.mark.parametrize(
     "shape", [(2, 3, 7, 16), (1, 2, 1, 16), (2, 5, 9, 8), (1, 3, 6, 5)], ids=lambda s: "x".join(map(str, s))
 )
-def test_outputs_and_gradients_match_recurrence(shape):
+def test_outputs_and_gradients_match_recurrence(shape, bwd_kernel):
     """(Bt, D, L, N): N = 16 and 8 and a padded 5, L = 1, odd channel counts (padded channel blocks)."""
     check_against_recurrence(make_inputs(*shape))
 
 
 @pytest.mark.parametrize("length", [9, 8, 3], ids=lambda n: f"L{n}")
-def test_several_chunks(monkeypatch, length):
+def test_several_chunks(monkeypatch, length, bwd_kernel):
     """Chunks of 4 tokens: 3, 2 and 1 chunks (a partial last one, an exact fit, one short chunk); 4-channel blocks
     over 6 channels."""
-    monkeypatch.setattr(scan_triton, "CONFIG", SHORT_CHUNKS)
+    monkeypatch.setattr(scan_triton, "CONFIG", dataclasses.replace(SHORT_CHUNKS, **bwd_kernel))
     check_against_recurrence(make_inputs(2, 6, length, 8, seed=2))
 
 
-def test_strided_and_bf16_inputs_are_read_in_place():
+def test_strided_and_bf16_inputs_are_read_in_place(bwd_kernel):
     """The layouts the mixer passes (u a slice of the conv output, delta / B / C transposes of (Bt, L, .) tensors)
     and bf16 u, B, C (autocast without RoPE): the result equals the recurrence on the same (rounded) values."""
     u, delta, A, B, C = make_inputs(2, 6, 5, 8, seed=3)
@@ -134,15 +149,28 @@ def test_bad_shapes_are_clear_errors():
         scan_triton.selective_scan_triton(u, delta, A, B.transpose(1, 2), C)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("kernel", sorted(BWD_KERNELS))
+def test_custom_ops_pass_opcheck(kernel):
     """The kernels as PyTorch custom ops, what torch.compile sees: schema, fake (shape-only) implementation, autograd
     registration and AOT dispatch agree with the real kernels (two chunks of 4 tokens, so the chunk-start states
     are a real output)."""
     u, delta, A, B, C = (t.to(DEVICE).requires_grad_() for t in make_inputs(1, 4, 5, 4, seed=6))
-    settings = (4, 4, 1, 16, 1)  # chunk, fwd_block_d, fwd_warps, bwd_tile, bwd_warps
+    # chunk, fwd_block_d, fwd_warps, bwd_tile, bwd_warps, bwd_kernel, bwd_block_d, bwd_group
+    settings = (4, 4, 1, 16, 1, kernel, 2, 4)
     torch.library.opcheck(torch.ops.defocus_clip.scan_triton_fwd.default, (u, delta, A, B, C, *settings, True))
     y, ckpt = torch.ops.defocus_clip.scan_triton_fwd(u, delta, A, B, C, *settings, True)
     assert ckpt.shape == (1, 4, 1, 4)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.defocus_clip.scan_triton_bwd.default,
-                          tuple(t.detach() for t in (u, delta, A, B, C, dy, ckpt)) + (4, 16, 1))
+                          tuple(t.detach() for t in (u, delta, A, B, C, dy, ckpt)) + settings[:1] + settings[3:])
+
+
+def test_config_overrides_are_parsed_and_checked():
+    """The benchmarks' --triton settings: typed values, clear errors for unknown keys, bad values and bad tiles."""
+    assert scan_triton.config_overrides("bwd_kernel=states, bwd_block_d=2,chunk=16") == {
+        "bwd_kernel": "states", "bwd_block_d": 2, "chunk": 16}
+    for text, match in (("tile=4", "key one of"), ("chunk", "key=value"), ("chunk=big", "integer"),
+                        ("bwd_kernel=fast", "bwd_kernel must be one of"), ("bwd_block_d=3", "power of two"),
+                        ("bwd_block_d=8,bwd_group=12", "dividing bwd_group")):
+        with pytest.raises(ConfigError, match=match):
+            scan_triton.config_overrides(text)

@@ -18,6 +18,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
     python -m defocus_clip.bench.towers --device cuda --scan                           # the scan alone, GPU
     python -m defocus_clip.bench.towers --device cuda --compile --chunks 32 16        # + compiled blocks, chunks
+    python -m defocus_clip.bench.towers --device cuda --triton bwd_kernel=states,bwd_block_d=2   # tile settings
 
 On CUDA (`--device cuda`, `bench_cuda`) all towers run in one process, one after the other (GPU step times do not
 drift with a shared CPU's load), under bf16 autocast; memory is `torch.cuda.max_memory_allocated`; every De-focus
@@ -500,15 +501,15 @@ def _difference(ours: dict, eager: dict) -> dict:
             "grads_compared": len(grads), "grads_missing": sorted(set(eager["grads"]) ^ set(ours["grads"]))}
 
 
-def _set_chunk(chunk: int | None) -> None:
-    """The Triton backward's chunk (tokens) for the next steps; None: the shipped default."""
+def _set_triton(overrides: dict | None) -> None:
+    """The Triton scan's tile settings for the next steps: the shipped ones with `overrides`; None: as shipped."""
     import dataclasses
 
     if _DEFAULT_TRITON is None:
         return
     from ..layers import scan_triton
 
-    scan_triton.CONFIG = dataclasses.replace(_DEFAULT_TRITON, **({"chunk": chunk} if chunk else {}))
+    scan_triton.CONFIG = dataclasses.replace(_DEFAULT_TRITON, **(overrides or {}))
 
 
 def _triton_default():
@@ -524,10 +525,11 @@ _DEFAULT_TRITON = None  # scan_triton.CONFIG as shipped, read by bench_cuda
 
 def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_size: int = 224, steps: int = 10,
                warmup: int = 3, scan_impls: tuple[str, ...] = CUDA_SCANS, compile_towers: bool = False,
-               chunks: tuple[int, ...] = (), log=None) -> dict:
+               chunks: tuple[int, ...] = (), log=None, triton: tuple[str, ...] = ()) -> dict:
     """Training throughput and peak memory of each tower on the current CUDA device, ViT-B-32 first, ratios against
     it; De-focus Mamba towers once per scan implementation in `scan_impls` that can run here (others are noted)
-    and, for the Triton scan, once per backward chunk size in `chunks` (default: the shipped one).
+    and, for the Triton scan, once per backward chunk size in `chunks` and per tile setting in `triton`
+    ('key=value,...' of `scan_triton.TritonScanConfig`; default: the shipped settings alone).
 
     `compile_towers`: each tower is measured eager, then with its blocks compiled (`towers.compile.compile_blocks`,
     inductor), every variant again; ratios are taken against ViT-B-32 in the same mode, and each compiled row
@@ -547,6 +549,11 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
         raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
     if chunks and any(c < 2 or c & (c - 1) for c in chunks):
         raise ConfigError(f"--chunks must be powers of two >= 2, got {list(chunks)}")
+    settings = [{"chunk": c} for c in chunks]
+    if triton:
+        from ..layers.scan_triton import config_overrides
+
+        settings += [config_overrides(text) for text in triton]
     dev = torch.device("cuda")
     specs = [resolve_spec(m) for m in models] if models else [BASELINE, GOAL_MODEL]
     if BASELINE not in specs:
@@ -569,7 +576,7 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
             mixers = [m for m in tower.modules() if isinstance(m, DefocusMambaMixer)]
             variants = [(None, None)]
             if mixers:
-                variants = [(impl, c) for impl in usable for c in ((chunks or (None,)) if impl == "triton" else
+                variants = [(impl, o) for impl in usable for o in ((settings or (None,)) if impl == "triton" else
                                                                     (None,))]
             eager_out: dict = {}
             for compiled in (False, True) if compile_towers else (False,):
@@ -579,23 +586,24 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
                     except Exception as e:  # recorded, the other towers go on
                         rows[f"{spec} [compiled]"] = {"params_m": params, "error": f"{type(e).__name__}: {e}"[:400]}
                         break
-                for impl, chunk in variants:
+                for impl, overrides in variants:
                     for m in mixers:
                         m.scan_impl = impl
-                    _set_chunk(chunk)
+                    _set_triton(overrides)
                     if compiled:
-                        torch._dynamo.reset()  # a new chunk size or scan is a new graph
-                    tags = ([f"scan={impl}"] if impl else []) + ([f"chunk={chunk}"] if chunk else []) + (
+                        torch._dynamo.reset()  # new tile settings or a new scan are a new graph
+                    tags = ([f"scan={impl}"] if impl else []) + [f"{k}={v}" for k, v in (overrides or {}).items()] + (
                         ["compiled"] if compiled else [])
                     name = f"{spec} [{', '.join(tags)}]" if tags else spec
                     try:
                         captured: dict = {}
                         row = {"params_m": params, "mode": "compiled" if compiled else "eager",
                                **_measure_cuda(tower, images, steps, warmup, captured if compile_towers else None)}
-                        if compiled and (impl, chunk) in eager_out:
-                            row.update(_difference(captured, eager_out.pop((impl, chunk))))
+                        key = (impl, json.dumps(overrides))
+                        if compiled and key in eager_out:
+                            row.update(_difference(captured, eager_out.pop(key)))
                         elif compile_towers:
-                            eager_out[(impl, chunk)] = captured
+                            eager_out[key] = captured
                     except Exception as e:  # out of memory, a kernel that does not build: recorded, the rest goes on
                         row = {"params_m": params, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                     rows[name] = row
@@ -608,7 +616,7 @@ def bench_cuda(models: list[str] | None = None, batch_size: int = 256, image_siz
             torch.cuda.empty_cache()
     finally:
         if _DEFAULT_TRITON is not None:
-            _set_chunk(None)
+            _set_triton(None)
     bases = {r.get("mode"): r for name, r in rows.items() if name.startswith(BASELINE) and "error" not in r}
     eager_img_s = {name.replace(", compiled]", "]").replace(" [compiled]", ""): r["img_s"] for name, r in rows.items()
                    if r.get("mode") == "eager"}
@@ -666,11 +674,12 @@ def format_cuda(result: dict) -> str:
     return "\n".join(lines)
 
 
-# Triton tile configurations that `--scan` compares (the first is the shipped default, `scan_triton.CONFIG`)
+# Triton tile configurations that `--scan` compares (the first is the shipped default, `scan_triton.CONFIG`); the
+# others measured on an H200 and left out were slower (docs/benchmarks.md, GPU section)
 SCAN_CANDIDATES = (
-    {}, {"chunk": 64}, {"bwd_tile": 256}, {"bwd_tile": 256, "bwd_warps": 2}, {"bwd_tile": 1024},
-    {"bwd_tile": 1024, "bwd_warps": 8}, {"bwd_warps": 2}, {"chunk": 16}, {"chunk": 16, "bwd_tile": 256},
-    {"chunk": 16, "bwd_tile": 256, "bwd_warps": 2}, {"fwd_block_d": 16}, {"fwd_block_d": 64, "fwd_warps": 8},
+    {}, {"chunk": 16}, {"bwd_block_d": 1, "bwd_warps": 1}, {"bwd_block_d": 4, "bwd_warps": 4}, {"bwd_group": 32},
+    {"bwd_kernel": "per_state", "bwd_warps": 4}, {"bwd_kernel": "per_state", "bwd_warps": 4, "chunk": 16},
+    {"bwd_kernel": "per_state", "chunk": 16, "bwd_tile": 256}, {"fwd_block_d": 16},
 )
 
 
@@ -778,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--device cuda: also measure every tower with its blocks compiled (torch.compile, inductor)")
     p.add_argument("--chunks", nargs="+", type=int, default=[], metavar="TOKENS",
                    help="--device cuda: Triton backward chunk sizes to measure De-focus Mamba towers with")
+    p.add_argument("--triton", nargs="+", default=[], metavar="KEY=VALUE,...",
+                   help="--device cuda: Triton scan tile settings to measure De-focus Mamba towers with, each a "
+                        "comma-separated list of TritonScanConfig fields, e.g. bwd_kernel=states,bwd_block_d=2")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; 256 on cuda)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -794,13 +806,15 @@ def main(argv: list[str] | None = None) -> int:
             print(format_scan_cuda(result))
         else:
             result = bench_cuda(a.models, a.batch_size or 256, a.image_size, a.steps, a.warmup, tuple(a.scans),
-                                compile_towers=a.compile, chunks=tuple(a.chunks), log=_log_row)
+                                compile_towers=a.compile, chunks=tuple(a.chunks), log=_log_row,
+                                triton=tuple(a.triton))
             print(format_cuda(result))
         if a.json:
             a.json.write_text(json.dumps(result, indent=2))
         return 0
-    if a.compile or a.chunks:
-        p.error("--compile and --chunks need --device cuda (on a CPU the fused C++ kernels cannot be compiled)")
+    if a.compile or a.chunks or a.triton:
+        p.error("--compile, --chunks and --triton need --device cuda (on a CPU the fused C++ kernels run, not "
+                "Triton's, and they cannot be compiled)")
     a.batch_size = a.batch_size or 32
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))

@@ -9,11 +9,13 @@ dozens of passes over them. Here nothing of that size is ever stored:
   tokens one at a time, float32 math whatever the input dtype (bf16 under autocast). For the backward it also
   writes the states at the start of every chunk of `chunk` tokens but the first: Bt*D*N*(ceil(L/chunk) - 1)
   floats (224 px at patch 32, L = 50, chunk 32: one state per image, channel and state index, 1/50 of them all).
-- Backward: per (image, block of channels), the chunks in reverse order; per chunk and state index, the chunk's
-  states are recomputed from its saved start by a parallel scan over its tokens (`tl.associative_scan`) and the
-  adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, both in registers; the adjoint carried from one chunk
-  to the previous stays in registers too. dB, dC (sums over channels) and dA (a sum over images) are written as
-  per-block partial sums (Bt x D/block x N x L floats) that torch reduces: deterministic, no atomics.
+- Backward: per (image, block of channels), the chunks in reverse order; the chunk's states are recomputed from
+  its saved start by a parallel scan over its tokens (`tl.associative_scan`) and the adjoint
+  g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, both in registers; the adjoint carried from one chunk to the
+  previous stays in registers too. Two kernels (`TritonScanConfig.bwd_kernel`): 'states' (default) scans all N
+  states of a few channels at once in one (channels, N, chunk) tile; 'per_state' loops over the states with a
+  (channels, chunk) tile. dB, dC (sums over channels) and dA (a sum over images) are written as per-program partial
+  sums (Bt x programs x N x L floats) that torch reduces: deterministic, no atomics.
 
 With a_t = exp(delta_t A), b_t = delta_t u_t B_t, h_t = a_t h_{t-1} + b_t, y_t = <C_t, h_t>, the backward uses
 a_t h_{t-1} = h_t - b_t, so no token-shifted tile is needed:
@@ -26,30 +28,63 @@ triton was imported (the test suite does so on machines without a GPU): slow, fo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ..errors import ConfigError
+
+BWD_KERNELS = ("per_state", "states")
+
 
 @dataclass(frozen=True)
 class TritonScanConfig:
-    """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program; the backward holds
-    a few dozen (block x chunk) float32 tiles per program, block = bwd_tile // chunk channels. Chosen with
-    `python -m defocus_clip.bench.towers --device cuda --scan` on an H200 (docs/benchmarks.md, GPU section): at
-    (Bt, D, L, N) = (256, 1536, 50, 16) the backward takes 3.8 ms with 32-token chunks, 5.7 ms with 64; 16-token
-    chunks took 2.8 ms there but were not tried in the tower and save three chunk-start states per channel at L = 50
-    where 32-token chunks save one."""
+    """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program. Chosen on an H200
+    (docs/benchmarks.md, GPU section) in the De-focus Mamba-B/32 tower at batch 256, where the scan reads the
+    mixer's strided inputs: the 'states' backward with 2-channel tiles and 2 warps trains 9-11% faster than
+    'per_state' (512-element tiles, 4 warps, its best), eager and compiled, though the scan alone with contiguous
+    inputs times the two alike (4.0 vs 4.1 ms). 16-token chunks: 27% faster for 'per_state' alone, no faster in the
+    tower, and three chunk-start states per channel to keep at L = 50 where 32-token chunks keep one."""
 
     fwd_block_d: int = 32  # channels per forward program
     fwd_warps: int = 4
     chunk: int = 32  # tokens per backward chunk (and the forward's checkpoint interval); a power of two
-    bwd_tile: int = 512  # channels x tokens of one backward tile
-    bwd_warps: int = 4
+    bwd_tile: int = 512  # per_state backward: channels x tokens of one tile
+    bwd_warps: int = 2  # per_state was fastest at 4
+    bwd_kernel: str = "states"  # 'states': all N states in one (channels, N, chunk) tile; 'per_state': a loop
+    bwd_block_d: int = 2  # states backward: channels per tile (a power of two)
+    bwd_group: int = 64  # states backward: channels per program, a multiple of bwd_block_d
+
+    def __post_init__(self):
+        if self.bwd_kernel not in BWD_KERNELS:
+            raise ConfigError(f"TritonScanConfig.bwd_kernel must be one of {BWD_KERNELS}, got {self.bwd_kernel!r}")
+        if self.bwd_block_d < 1 or self.bwd_block_d & (self.bwd_block_d - 1) or self.bwd_group % self.bwd_block_d:
+            raise ConfigError(f"TritonScanConfig: bwd_block_d must be a power of two dividing bwd_group, got "
+                             f"{self.bwd_block_d} and {self.bwd_group}")
 
 
 CONFIG = TritonScanConfig()
+
+
+def config_overrides(text: str) -> dict:
+    """'key=value,key=value' of `TritonScanConfig` fields -> {field: typed value}, checked against the config's own
+    validation (for the benchmarks' --triton)."""
+    fields = {f.name: f.type for f in dataclasses.fields(TritonScanConfig)}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ConfigError(f"Triton scan setting {item!r}: expected key=value with key one of {sorted(fields)}")
+        try:
+            overrides[key] = value.strip() if fields[key] in (str, "str") else int(value)
+        except ValueError:
+            raise ConfigError(f"Triton scan setting {item!r}: {key} takes an integer") from None
+    dataclasses.replace(CONFIG, **overrides)  # the config's own checks
+    return overrides
 
 
 def _next_pow2(n: int) -> int:
@@ -158,6 +193,77 @@ def _scan_bwd_kernel(
     tl.store(dA_ptr + b * D * N + d[:, None] * N + n_idx[None, :], dA_acc, mask=d_ok[:, None] & (n_idx[None, :] < N))
 
 
+@triton.jit
+def _scan_bwd_states_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, ckpt_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
+    D, L, N, NUM_PROG, SUB,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sA_d, sA_n, sB_b, sB_n, sB_t, sC_b, sC_n, sC_t, sdy_b, sdy_d, sdy_t,
+    sck_b, sck_d, sck_c, sdu_b, sdu_d, sdu_t, sdd_b, sdd_d, sdd_t,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The backward with all N states of BLOCK_D channels in one (BLOCK_D, BLOCK_N, CHUNK) tile: one forward and
+    one reverse scan per chunk instead of one each per state, the sums over states in-tile, and no per-state
+    reductions across the tile. The adjoint is the plain affine recurrence g_t = beta_t + a_{t+1} g_{t+1}, with
+    a_{t+1} from delta read one token ahead (no three-part combine). A program walks SUB such blocks of channels
+    and adds its dB, dC partial sums over them (one (Bt, NUM_PROG, N, L) slice per program)."""
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    tt = tl.arange(0, CHUNK)
+    part = (b * NUM_PROG + pid) * N * L
+    n_chunks = tl.cdiv(L, CHUNK)
+    for s in range(0, SUB):
+        tl.debug_barrier()  # the previous block's dB / dC partial sums, stored by other threads, are visible
+        d = (pid * SUB + s) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        dn_ok = d_ok[:, None] & n_ok[None, :]
+        A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=dn_ok, other=0.0).to(tl.float32)
+        A3 = A[:, :, None]
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # g at the first token of the chunk after
+        dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for cc in range(0, n_chunks):
+            c = n_chunks - 1 - cc
+            t = c * CHUNK + tt
+            t_ok = t < L
+            m = d_ok[:, None] & t_ok[None, :]
+            m_next = d_ok[:, None] & (t + 1 < L)[None, :]
+            uu = tl.load(u_ptr + b * su_b + d[:, None] * su_d + t[None, :] * su_t, mask=m, other=0.0).to(tl.float32)
+            dl = tl.load(delta_ptr + b * sdl_b + d[:, None] * sdl_d + t[None, :] * sdl_t, mask=m, other=0.0)
+            dl = dl.to(tl.float32)  # padded tokens: delta = 0 -> a = 1, b = 0: they change nothing
+            dl_next = tl.load(delta_ptr + b * sdl_b + d[:, None] * sdl_d + (t[None, :] + 1) * sdl_t, mask=m_next,
+                              other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + b * sdy_b + d[:, None] * sdy_d + t[None, :] * sdy_t, mask=m, other=0.0)
+            dy = dy.to(tl.float32)
+            nt_ok = n_ok[:, None] & t_ok[None, :]
+            Bn = tl.load(B_ptr + b * sB_b + n[:, None] * sB_n + t[None, :] * sB_t, mask=nt_ok, other=0.0)
+            Cn = tl.load(C_ptr + b * sC_b + n[:, None] * sC_n + t[None, :] * sC_t, mask=nt_ok, other=0.0)
+            Bn, Cn = Bn.to(tl.float32)[None, :, :], Cn.to(tl.float32)[None, :, :]
+            h0 = tl.load(ckpt_ptr + b * sck_b + d[:, None] * sck_d + (c - 1) * sck_c + n[None, :],
+                         mask=dn_ok & (c > 0), other=0.0)
+            x = dl * uu
+            bb = x[:, None, :] * Bn
+            p, h = tl.associative_scan((tl.exp(dl[:, None, :] * A3), bb), 2, _affine_combine)
+            h = h + p * h0[:, :, None]  # the states of this chunk
+            q, g = tl.associative_scan((tl.exp(dl_next[:, None, :] * A3), dy[:, None, :] * Cn), 2, _affine_combine,
+                                       reverse=True)
+            g = g + q * carry[:, :, None]  # d loss / d h_t
+            carry = tl.sum(tl.where(tt[None, None, :] == 0, g, 0.0), axis=2)
+            dlog = g * (h - bb)  # g_t a_t h_{t-1}: d loss / d (delta_t A)
+            gB = tl.sum(g * Bn, axis=1)
+            gA = tl.sum(dlog * A3, axis=1)
+            dA_acc += tl.sum(dlog * dl[:, None, :], axis=2)
+            off = part + n[:, None] * L + t[None, :]
+            dB = tl.sum(g * x[:, None, :], axis=0) + tl.load(dB_ptr + off, mask=nt_ok & (s > 0), other=0.0)
+            dC = tl.sum(dy[:, None, :] * h, axis=0) + tl.load(dC_ptr + off, mask=nt_ok & (s > 0), other=0.0)
+            tl.store(dB_ptr + off, dB, mask=nt_ok)
+            tl.store(dC_ptr + off, dC, mask=nt_ok)
+            tl.store(du_ptr + b * sdu_b + d[:, None] * sdu_d + t[None, :] * sdu_t, gB * dl, mask=m)
+            tl.store(ddelta_ptr + b * sdd_b + d[:, None] * sdd_d + t[None, :] * sdd_t, gB * uu + gA, mask=m)
+        tl.store(dA_ptr + b * D * N + d[:, None] * N + n[None, :], dA_acc, mask=dn_ok)
+
+
 def interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     return type(_scan_fwd_kernel).__name__ == "InterpretedFunction"  # what @triton.jit returns then
@@ -183,8 +289,12 @@ def _check(u, delta, A, B, C) -> None:
         )
 
 
-def _bwd_block_d(d: int, chunk: int, bwd_tile: int) -> int:
-    return min(max(bwd_tile // chunk, 1), _next_pow2(d))
+def _bwd_blocks(d: int, chunk: int, bwd_tile: int, kernel: str, block_d: int, group: int) -> tuple[int, int]:
+    """(channels per tile, tiles per program) of the backward."""
+    if kernel == "states":
+        block_d = min(block_d, _next_pow2(d))
+        return block_d, max(min(group, d) // block_d, 1)
+    return min(max(bwd_tile // chunk, 1), _next_pow2(d)), 1
 
 
 # The kernels as two PyTorch custom ops with a fake (shape-only) implementation and an autograd formula, so that
@@ -194,10 +304,11 @@ def _bwd_block_d(d: int, chunk: int, bwd_tile: int) -> int:
 @torch.library.custom_op("defocus_clip::scan_triton_fwd", mutates_args=())
 def _scan_fwd_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    chunk: int, fwd_block_d: int, fwd_warps: int, bwd_tile: int, bwd_warps: int, store_states: bool,
+    chunk: int, fwd_block_d: int, fwd_warps: int, bwd_tile: int, bwd_warps: int, bwd_kernel: str,
+    bwd_block_d: int, bwd_group: int, store_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (Bt, D, L) float32 and the chunk-start states (Bt, D, chunks - 1, N), empty unless `store_states`;
-    bwd_tile and bwd_warps are not used here, they are recorded for the backward."""
+    the bwd_* settings are not used here, they are recorded for the backward."""
     bt, d, length = u.shape
     n = A.shape[1]
     y = torch.empty((bt, d, length), device=u.device, dtype=torch.float32)
@@ -215,7 +326,8 @@ def _scan_fwd_op(
 
 
 @_scan_fwd_op.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, chunk, fwd_block_d, fwd_warps, bwd_tile, bwd_warps, store_states):
+def _scan_fwd_fake(u, delta, A, B, C, chunk, fwd_block_d, fwd_warps, bwd_tile, bwd_warps, bwd_kernel, bwd_block_d,
+                   bwd_group, store_states):
     bt, d, length = u.shape
     k = -(-length // chunk) - 1 if store_states and length else 0
     return (u.new_empty((bt, d, length), dtype=torch.float32),
@@ -225,46 +337,51 @@ def _scan_fwd_fake(u, delta, A, B, C, chunk, fwd_block_d, fwd_warps, bwd_tile, b
 @torch.library.custom_op("defocus_clip::scan_triton_bwd", mutates_args=())
 def _scan_bwd_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor,
-    ckpt: torch.Tensor, chunk: int, bwd_tile: int, bwd_warps: int,
+    ckpt: torch.Tensor, chunk: int, bwd_tile: int, bwd_warps: int, bwd_kernel: str, bwd_block_d: int,
+    bwd_group: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """du, ddelta (Bt, D, L) float32, laid out as u and delta (`empty_like`: a transposed delta gets a transposed
     gradient, so the ops after it see one layout), and per-program partial sums dA (Bt, D, N), dB, dC
-    (Bt, D/block, N, L) float32 that the caller reduces (deterministic, no atomics)."""
+    (Bt, programs per image, N, L) float32 that the caller reduces (deterministic, no atomics)."""
     bt, d, length = u.shape
     n = A.shape[1]
-    block_d = _bwd_block_d(d, chunk, bwd_tile)
-    nblk = triton.cdiv(d, block_d)
+    block_d, sub = _bwd_blocks(d, chunk, bwd_tile, bwd_kernel, bwd_block_d, bwd_group)
+    nprog = triton.cdiv(d, block_d * sub)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u, dtype=torch.float32), torch.empty_like(delta, dtype=torch.float32)
     dA = torch.empty((bt, d, n), **f32)
-    dB, dC = torch.empty((bt, nblk, n, length), **f32), torch.empty((bt, nblk, n, length), **f32)
+    dB, dC = torch.empty((bt, nprog, n, length), **f32), torch.empty((bt, nprog, n, length), **f32)
     if length:
         has_ckpt = ckpt.numel() > 0
-        _scan_bwd_kernel[(bt, nblk)](
-            u, delta, A, B, C, dy, ckpt if has_ckpt else du, du, ddelta, dA, dB, dC, d, length, n, nblk,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
-            *(ckpt.stride()[:3] if has_ckpt else (0, 0, 0)), *du.stride(), *ddelta.stride(),
-            BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=bwd_warps,
-        )
+        args = (u, delta, A, B, C, dy, ckpt if has_ckpt else du, du, ddelta, dA, dB, dC, d, length, n, nprog)
+        strides = (*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
+                   *(ckpt.stride()[:3] if has_ckpt else (0, 0, 0)), *du.stride(), *ddelta.stride())
+        if bwd_kernel == "states":
+            _scan_bwd_states_kernel[(bt, nprog)](*args, sub, *strides, BLOCK_D=block_d, BLOCK_N=_next_pow2(n),
+                                                 CHUNK=chunk, num_warps=bwd_warps)
+        else:
+            _scan_bwd_kernel[(bt, nprog)](*args, *strides, BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk,
+                                          num_warps=bwd_warps)
     else:
         dA.zero_(), dB.zero_(), dC.zero_()
     return du, ddelta, dA, dB, dC
 
 
 @_scan_bwd_op.register_fake
-def _scan_bwd_fake(u, delta, A, B, C, dy, ckpt, chunk, bwd_tile, bwd_warps):
+def _scan_bwd_fake(u, delta, A, B, C, dy, ckpt, chunk, bwd_tile, bwd_warps, bwd_kernel, bwd_block_d, bwd_group):
     bt, d, length = u.shape
     n = A.shape[1]
-    nblk = -(-d // _bwd_block_d(d, chunk, bwd_tile))
+    block_d, sub = _bwd_blocks(d, chunk, bwd_tile, bwd_kernel, bwd_block_d, bwd_group)
+    nblk = -(-d // (block_d * sub))
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(u, **f32), torch.empty_like(delta, **f32), u.new_empty((bt, d, n), **f32),
             u.new_empty((bt, nblk, n, length), **f32), u.new_empty((bt, nblk, n, length), **f32))
 
 
 def _scan_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, chunk, _, _, bwd_tile, bwd_warps, _ = inputs
+    u, delta, A, B, C, chunk, _, _, *bwd_settings, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, output[1])
-    ctx.settings = (chunk, bwd_tile, bwd_warps)
+    ctx.settings = (chunk, *bwd_settings)
 
 
 def _scan_backward(ctx, dy, _dckpt):
@@ -274,7 +391,7 @@ def _scan_backward(ctx, dy, _dckpt):
         raise RuntimeError("scan_triton_fwd was called with store_states=False, so it cannot be differentiated")
     du, ddelta, dA, dB, dC = _scan_bwd_op(u, delta, A, B, C, dy, ckpt, *ctx.settings)
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype),
-            dC.sum(1).to(C.dtype), None, None, None, None, None, None)
+            dC.sum(1).to(C.dtype), *([None] * 9))
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -289,5 +406,5 @@ def selective_scan_triton(
     cfg = CONFIG
     store = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     y, _ = _scan_fwd_op(u, delta, A, B, C, _chunk(u.shape[-1], cfg), cfg.fwd_block_d, cfg.fwd_warps, cfg.bwd_tile,
-                        cfg.bwd_warps, store)
+                        cfg.bwd_warps, cfg.bwd_kernel, cfg.bwd_block_d, cfg.bwd_group, store)
     return y
