@@ -21,10 +21,11 @@ pytestmark = pytest.mark.skipif(
 )
 # several chunks on small shapes: the backward's chunk-to-chunk carries and the forward's saved chunk starts
 SHORT_CHUNKS = scan_triton.TritonScanConfig(chunk=4, fwd_block_d=4, bwd_tile=16)
-# both backward kernels; 'states' with 2-channel tiles, 4 channels per program: several tiles per program (their dB,
+# every backward kernel; 'states' with 2-channel tiles, 4 channels per program: several tiles per program (their dB,
 # dC partial sums added up) and, at odd channel counts, a padded last tile
 BWD_KERNELS = {"per_state": {"bwd_kernel": "per_state"},
-               "states": {"bwd_kernel": "states", "bwd_block_d": 2, "bwd_group": 4}}
+               "states": {"bwd_kernel": "states", "bwd_block_d": 2, "bwd_group": 4},
+               "sequential": {"bwd_kernel": "sequential", "bwd_block_d": 4}}
 
 
 @pytest.fixture(params=sorted(BWD_KERNELS))

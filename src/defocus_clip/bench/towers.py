@@ -18,7 +18,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
     python -m defocus_clip.bench.towers --device cuda --scan                           # the scan alone, GPU
     python -m defocus_clip.bench.towers --device cuda --compile --chunks 32 16        # + compiled blocks, chunks
-    python -m defocus_clip.bench.towers --device cuda --triton bwd_kernel=states,bwd_block_d=2   # tile settings
+    python -m defocus_clip.bench.towers --device cuda --triton bwd_block_d=32 chunk=16  # Triton tile settings
 
 On CUDA (`--device cuda`, `bench_cuda`) all towers run in one process, one after the other (GPU step times do not
 drift with a shared CPU's load), under bf16 autocast; memory is `torch.cuda.max_memory_allocated`; every De-focus
@@ -677,9 +677,9 @@ def format_cuda(result: dict) -> str:
 # Triton tile configurations that `--scan` compares (the first is the shipped default, `scan_triton.CONFIG`); the
 # others measured on an H200 and left out were slower (docs/benchmarks.md, GPU section)
 SCAN_CANDIDATES = (
-    {}, {"chunk": 16}, {"bwd_block_d": 1, "bwd_warps": 1}, {"bwd_block_d": 4, "bwd_warps": 4}, {"bwd_group": 32},
+    {}, {"chunk": 16}, {"bwd_block_d": 32}, {"bwd_block_d": 128, "bwd_warps": 8}, {"fwd_block_d": 16},
+    {"bwd_kernel": "states", "bwd_block_d": 2, "bwd_warps": 2},
     {"bwd_kernel": "per_state", "bwd_warps": 4}, {"bwd_kernel": "per_state", "bwd_warps": 4, "chunk": 16},
-    {"bwd_kernel": "per_state", "chunk": 16, "bwd_tile": 256}, {"fwd_block_d": 16},
 )
 
 

@@ -12,10 +12,13 @@ dozens of passes over them. Here nothing of that size is ever stored:
 - Backward: per (image, block of channels), the chunks in reverse order; the chunk's states are recomputed from
   its saved start by a parallel scan over its tokens (`tl.associative_scan`) and the adjoint
   g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, both in registers; the adjoint carried from one chunk to the
-  previous stays in registers too. Two kernels (`TritonScanConfig.bwd_kernel`): 'states' (default) scans all N
-  states of a few channels at once in one (channels, N, chunk) tile; 'per_state' loops over the states with a
-  (channels, chunk) tile. dB, dC (sums over channels) and dA (a sum over images) are written as per-program partial
-  sums (Bt x programs x N x L floats) that torch reduces: deterministic, no atomics.
+  previous stays in registers too. Three kernels (`TritonScanConfig.bwd_kernel`): 'sequential' (default) walks
+  the tokens like the forward, the (channels x N) states in registers: per chunk a forward walk writes the
+  chunk's states to a scratch slice of its own (Bt*D*N*chunk floats in all, freed after the call) and a reverse walk
+  reads them back; 'states' and 'per_state' instead recompute the states by a parallel scan over the chunk's tokens
+  (`tl.associative_scan`), all N states of a few channels in one (channels, N, chunk) tile, or one state at a time.
+  dB, dC (sums over channels) and dA (a sum over images) are written as per-program partial sums (Bt x programs x
+  N x L floats) that torch reduces: deterministic, no atomics.
 
 With a_t = exp(delta_t A), b_t = delta_t u_t B_t, h_t = a_t h_{t-1} + b_t, y_t = <C_t, h_t>, the backward uses
 a_t h_{t-1} = h_t - b_t, so no token-shifted tile is needed:
@@ -37,26 +40,26 @@ import triton.language as tl
 
 from ..errors import ConfigError
 
-BWD_KERNELS = ("per_state", "states")
+BWD_KERNELS = ("per_state", "states", "sequential")
 
 
 @dataclass(frozen=True)
 class TritonScanConfig:
     """Tile sizes. The forward's state tile is fwd_block_d x next_pow2(N) floats per program. Chosen on an H200
     (docs/benchmarks.md, GPU section) in the De-focus Mamba-B/32 tower at batch 256, where the scan reads the
-    mixer's strided inputs: the 'states' backward with 2-channel tiles and 2 warps trains 9-11% faster than
-    'per_state' (512-element tiles, 4 warps, its best), eager and compiled, though the scan alone with contiguous
-    inputs times the two alike (4.0 vs 4.1 ms). 16-token chunks: 27% faster for 'per_state' alone, no faster in the
-    tower, and three chunk-start states per channel to keep at L = 50 where 32-token chunks keep one."""
+    mixer's strided inputs. Eager img/s there: 'sequential' with 64-channel programs and 4 warps 1443 (its backward
+    alone 2.7 ms); 'states' at its best (bwd_block_d=2, bwd_warps=2) 1112 (4.0 ms); 'per_state' at its best
+    (bwd_tile=512, bwd_warps=4) 1022 (4.1 ms). 16-token chunks: faster for the scan alone, within 2% in the tower,
+    and three chunk-start states per channel to keep at L = 50 where 32-token chunks keep one."""
 
     fwd_block_d: int = 32  # channels per forward program
     fwd_warps: int = 4
     chunk: int = 32  # tokens per backward chunk (and the forward's checkpoint interval); a power of two
-    bwd_tile: int = 512  # per_state backward: channels x tokens of one tile
-    bwd_warps: int = 2  # per_state was fastest at 4
-    bwd_kernel: str = "states"  # 'states': all N states in one (channels, N, chunk) tile; 'per_state': a loop
-    bwd_block_d: int = 2  # states backward: channels per tile (a power of two)
-    bwd_group: int = 64  # states backward: channels per program, a multiple of bwd_block_d
+    bwd_kernel: str = "sequential"  # or 'states' / 'per_state' (associative scans over each chunk)
+    bwd_block_d: int = 64  # sequential, states: channels per tile (a power of two; states was best at 2)
+    bwd_warps: int = 4  # (states was best at 2)
+    bwd_group: int = 64  # states: channels per program, a multiple of bwd_block_d
+    bwd_tile: int = 512  # per_state: channels x tokens of one tile
 
     def __post_init__(self):
         if self.bwd_kernel not in BWD_KERNELS:
@@ -264,6 +267,72 @@ def _scan_bwd_states_kernel(
         tl.store(dA_ptr + b * D * N + d[:, None] * N + n[None, :], dA_acc, mask=dn_ok)
 
 
+@triton.jit
+def _scan_bwd_sequential_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, ckpt_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, scratch_ptr,
+    D, L, N, NUM_PROG,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sA_d, sA_n, sB_b, sB_n, sB_t, sC_b, sC_n, sC_t, sdy_b, sdy_d, sdy_t,
+    sck_b, sck_d, sck_c, sdu_b, sdu_d, sdu_t, sdd_b, sdd_d, sdd_t,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The backward the way the forward runs: the (BLOCK_D, BLOCK_N) states in registers, one token at a time. Per
+    chunk, in reverse: a forward walk from the chunk's saved start writes its states to this program's slice of
+    `scratch` (CHUNK x BLOCK_D x BLOCK_N floats, read back at once, so mostly from L2), then a reverse walk carries
+    the adjoint a_{t+1} g_{t+1} in registers and reads h_t back. No associative scans, no per-state loop."""
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    d_ok, n_ok = d < D, n < N
+    dn_ok = d_ok[:, None] & n_ok[None, :]
+    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=dn_ok, other=0.0).to(tl.float32)
+    scratch = (scratch_ptr + (b * NUM_PROG + blk) * (CHUNK * BLOCK_D * BLOCK_N)
+               + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :])
+    part = (b * NUM_PROG + blk) * N * L  # this program's slice of the dB / dC partial sums
+    ga = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # a_{t+1} g_{t+1}, flowing back into token t
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(L, CHUNK)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        h = tl.load(ckpt_ptr + b * sck_b + d[:, None] * sck_d + (c - 1) * sck_c + n[None, :], mask=dn_ok & (c > 0),
+                    other=0.0)
+        tl.debug_barrier()  # the last chunk's reverse walk has read its states before they are overwritten
+        for i in range(0, CHUNK):
+            t = c * CHUNK + i
+            ok = d_ok & (t < L)  # padded tokens: delta = 0 -> a = 1, b = 0: they change nothing
+            uu = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=ok, other=0.0).to(tl.float32)
+            dl = tl.load(delta_ptr + b * sdl_b + d * sdl_d + t * sdl_t, mask=ok, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + b * sB_b + n * sB_n + t * sB_t, mask=n_ok & (t < L), other=0.0).to(tl.float32)
+            h = tl.exp(dl[:, None] * A) * h + (dl * uu)[:, None] * Bt[None, :]
+            tl.store(scratch + i * (BLOCK_D * BLOCK_N), h)
+        tl.debug_barrier()  # the states just stored are visible to every thread of the program
+        for i in range(0, CHUNK):
+            j = CHUNK - 1 - i
+            t = c * CHUNK + j
+            t_ok = t < L
+            ok = d_ok & t_ok
+            uu = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=ok, other=0.0).to(tl.float32)
+            dl = tl.load(delta_ptr + b * sdl_b + d * sdl_d + t * sdl_t, mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + b * sdy_b + d * sdy_d + t * sdy_t, mask=ok, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + b * sB_b + n * sB_n + t * sB_t, mask=n_ok & t_ok, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + b * sC_b + n * sC_n + t * sC_t, mask=n_ok & t_ok, other=0.0).to(tl.float32)
+            h = tl.load(scratch + j * (BLOCK_D * BLOCK_N))
+            x = dl * uu
+            bb = x[:, None] * Bt[None, :]
+            g = dy[:, None] * Ct[None, :] + ga  # d loss / d h_t
+            dlog = g * (h - bb)  # g_t a_t h_{t-1}: d loss / d (delta_t A)
+            gB = tl.sum(g * Bt[None, :], axis=1)
+            gA = tl.sum(dlog * A, axis=1)
+            dA_acc += dlog * dl[:, None]
+            tl.store(dB_ptr + part + n * L + t, tl.sum(g * x[:, None], axis=0), mask=n_ok & t_ok)
+            tl.store(dC_ptr + part + n * L + t, tl.sum(dy[:, None] * h, axis=0), mask=n_ok & t_ok)
+            tl.store(du_ptr + b * sdu_b + d * sdu_d + t * sdu_t, gB * dl, mask=ok)
+            tl.store(ddelta_ptr + b * sdd_b + d * sdd_d + t * sdd_t, gB * uu + gA, mask=ok)
+            ga = tl.exp(dl[:, None] * A) * g
+    tl.store(dA_ptr + b * D * N + d[:, None] * N + n[None, :], dA_acc, mask=dn_ok)
+
+
 def interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     return type(_scan_fwd_kernel).__name__ == "InterpretedFunction"  # what @triton.jit returns then
@@ -294,6 +363,8 @@ def _bwd_blocks(d: int, chunk: int, bwd_tile: int, kernel: str, block_d: int, gr
     if kernel == "states":
         block_d = min(block_d, _next_pow2(d))
         return block_d, max(min(group, d) // block_d, 1)
+    if kernel == "sequential":
+        return min(block_d, _next_pow2(d)), 1
     return min(max(bwd_tile // chunk, 1), _next_pow2(d)), 1
 
 
@@ -359,6 +430,10 @@ def _scan_bwd_op(
         if bwd_kernel == "states":
             _scan_bwd_states_kernel[(bt, nprog)](*args, sub, *strides, BLOCK_D=block_d, BLOCK_N=_next_pow2(n),
                                                  CHUNK=chunk, num_warps=bwd_warps)
+        elif bwd_kernel == "sequential":  # + each program's states of one chunk, freed after the call
+            scratch = torch.empty(bt * nprog * chunk * block_d * _next_pow2(n), **f32)
+            _scan_bwd_sequential_kernel[(bt, nprog)](*args[:12], scratch, *args[12:], *strides, BLOCK_D=block_d,
+                                                     BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=bwd_warps)
         else:
             _scan_bwd_kernel[(bt, nprog)](*args, *strides, BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk,
                                           num_warps=bwd_warps)
