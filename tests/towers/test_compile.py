@@ -106,6 +106,19 @@ def test_drop_path_schedule_does_not_recompile():
     assert model.drop_path_rate == 0.0 and model.blocks[-1].drop_path.rate_units.item() == 0
 
 
+def test_autocast_compiles_one_block_graph():
+    """Under bf16 autocast the patch embedding hands bf16 tokens on and every block hands float32 on (the residual
+    stream): the tower casts before the first block, so all blocks share one graph instead of two."""
+    torch.manual_seed(0)
+    model = tiny_mamba(scan_impl="torch", depth=3).train()
+    compile_blocks(model, device="cpu", backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_tokens(torch.randn(2, 3, 16, 16))
+    out.float().square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(p.grad is not None for p in model.blocks[0].parameters())
+
+
 def test_scheduled_drop_path():
     """Eager: timm's code (same random draws); traced: the rate from the buffer, which neither a dtype cast of the
     model nor a state dict touches."""

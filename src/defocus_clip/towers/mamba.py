@@ -268,6 +268,12 @@ class DefocusMamba(TokenTower):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def run_blocks_slice(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        """The residual stream enters the blocks in float32, as `MambaBlock` keeps it, also when the patch embedding
+        ran under autocast: every block then sees one input dtype, so compiled blocks share one graph (the first
+        block would otherwise compile a second one for its bf16 input)."""
+        return super().run_blocks_slice(x.to(torch.promote_types(x.dtype, torch.float32)), blocks)
+
     def set_scale_factors(self, delta_scale_factor: float | None = None, rope_scale_factor: float | None = None):
         """Resolution transfer (paper B.3): delta / linear ratio, positions / token-count ratio."""
         for blk in self.blocks:
