@@ -9,14 +9,13 @@ dozens of passes over them. Here nothing of that size is ever stored:
   tokens one at a time, float32 math whatever the input dtype (bf16 under autocast). For the backward it also
   writes the states at the start of every chunk of `chunk` tokens but the first: Bt*D*N*(ceil(L/chunk) - 1)
   floats (224 px at patch 32, L = 50, chunk 32: one state per image, channel and state index, 1/50 of them all).
-- Backward: per (image, block of channels), the chunks in reverse order; the chunk's states are recomputed from
-  its saved start by a parallel scan over its tokens (`tl.associative_scan`) and the adjoint
-  g_t = C_t dy_t + a_{t+1} g_{t+1} by a reverse scan, both in registers; the adjoint carried from one chunk to the
-  previous stays in registers too. Three kernels (`TritonScanConfig.bwd_kernel`): 'sequential' (default) walks
-  the tokens like the forward, the (channels x N) states in registers: per chunk a forward walk writes the
-  chunk's states to a scratch slice of its own (Bt*D*N*chunk floats in all, freed after the call) and a reverse walk
-  reads them back; 'states' and 'per_state' instead recompute the states by a parallel scan over the chunk's tokens
-  (`tl.associative_scan`), all N states of a few channels in one (channels, N, chunk) tile, or one state at a time.
+- Backward: per (image, block of channels), the chunks in reverse order, each chunk's states recomputed from its
+  saved start, the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} carried from one chunk to the previous in registers.
+  Three kernels (`TritonScanConfig.bwd_kernel`): 'sequential' (default) walks the tokens like the forward, the
+  (channels x N) states in registers: per chunk a forward walk writes the chunk's states to a scratch slice of its
+  own (Bt*D*N*chunk floats in all, freed after the call) and a reverse walk reads them back. 'states' and
+  'per_state' recompute the chunk's states and adjoints by parallel scans over its tokens (`tl.associative_scan`),
+  all N states of a few channels in one (channels, N, chunk) tile or one state at a time; slower on an H200.
   dB, dC (sums over channels) and dA (a sum over images) are written as per-program partial sums (Bt x programs x
   N x L floats) that torch reduces: deterministic, no atomics.
 
@@ -64,8 +63,10 @@ class TritonScanConfig:
     def __post_init__(self):
         if self.bwd_kernel not in BWD_KERNELS:
             raise ConfigError(f"TritonScanConfig.bwd_kernel must be one of {BWD_KERNELS}, got {self.bwd_kernel!r}")
-        if self.bwd_block_d < 1 or self.bwd_block_d & (self.bwd_block_d - 1) or self.bwd_group % self.bwd_block_d:
-            raise ConfigError(f"TritonScanConfig: bwd_block_d must be a power of two dividing bwd_group, got "
+        if self.bwd_block_d < 1 or self.bwd_block_d & (self.bwd_block_d - 1):
+            raise ConfigError(f"TritonScanConfig: bwd_block_d must be a power of two, got {self.bwd_block_d}")
+        if self.bwd_kernel == "states" and self.bwd_group % self.bwd_block_d:
+            raise ConfigError(f"TritonScanConfig: with bwd_kernel='states', bwd_block_d must divide bwd_group, got "
                              f"{self.bwd_block_d} and {self.bwd_group}")
 
 
@@ -137,7 +138,7 @@ def _adjoint_combine(v_l, q_l, f_l, v_r, q_r, f_r):
 
 
 @triton.jit
-def _scan_bwd_kernel(
+def _scan_bwd_per_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, ckpt_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
     D, L, N, NUM_DBLK,
@@ -145,6 +146,8 @@ def _scan_bwd_kernel(
     sck_b, sck_d, sck_c, sdu_b, sdu_d, sdu_t, sdd_b, sdd_d, sdd_t,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """The backward one state at a time: per chunk and state, a forward and a reverse associative scan over a
+    (BLOCK_D, CHUNK) tile, the adjoint by a three-part combine (its a_{t+1} is the next token's a)."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -435,8 +438,8 @@ def _scan_bwd_op(
             _scan_bwd_sequential_kernel[(bt, nprog)](*args[:12], scratch, *args[12:], *strides, BLOCK_D=block_d,
                                                      BLOCK_N=_next_pow2(n), CHUNK=chunk, num_warps=bwd_warps)
         else:
-            _scan_bwd_kernel[(bt, nprog)](*args, *strides, BLOCK_D=block_d, BLOCK_N=_next_pow2(n), CHUNK=chunk,
-                                          num_warps=bwd_warps)
+            _scan_bwd_per_state_kernel[(bt, nprog)](*args, *strides, BLOCK_D=block_d, BLOCK_N=_next_pow2(n),
+                                                    CHUNK=chunk, num_warps=bwd_warps)
     else:
         dA.zero_(), dB.zero_(), dC.zero_()
     return du, ddelta, dA, dB, dC
