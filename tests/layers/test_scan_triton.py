@@ -172,6 +172,7 @@ def test_config_overrides_are_parsed_and_checked():
         "bwd_kernel": "states", "bwd_block_d": 2, "chunk": 16}
     for text, match in (("tile=4", "key one of"), ("chunk", "key=value"), ("chunk=big", "integer"),
                         ("bwd_kernel=fast", "bwd_kernel must be one of"), ("bwd_block_d=3", "power of two"),
+                        ("chunk=1", "chunk must be a power of two >= 2"), ("fwd_block_d=24", "power of two"),
                         ("bwd_kernel=states,bwd_block_d=8,bwd_group=12", "must divide bwd_group")):
         with pytest.raises(ConfigError, match=match):
             scan_triton.config_overrides(text)

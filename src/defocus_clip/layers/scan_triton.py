@@ -61,10 +61,13 @@ class TritonScanConfig:
     bwd_tile: int = 512  # per_state: channels x tokens of one tile
 
     def __post_init__(self):
+        for name in ("chunk", "fwd_block_d", "bwd_block_d"):  # tile extents: Triton needs powers of two
+            value = getattr(self, name)
+            if value < (2 if name == "chunk" else 1) or value & (value - 1):
+                raise ConfigError(f"TritonScanConfig: {name} must be a power of two{' >= 2' * (name == 'chunk')}, "
+                                  f"got {value}")
         if self.bwd_kernel not in BWD_KERNELS:
             raise ConfigError(f"TritonScanConfig.bwd_kernel must be one of {BWD_KERNELS}, got {self.bwd_kernel!r}")
-        if self.bwd_block_d < 1 or self.bwd_block_d & (self.bwd_block_d - 1):
-            raise ConfigError(f"TritonScanConfig: bwd_block_d must be a power of two, got {self.bwd_block_d}")
         if self.bwd_kernel == "states" and self.bwd_group % self.bwd_block_d:
             raise ConfigError(f"TritonScanConfig: with bwd_kernel='states', bwd_block_d must divide bwd_group, got "
                              f"{self.bwd_block_d} and {self.bwd_group}")
