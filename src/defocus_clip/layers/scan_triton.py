@@ -364,14 +364,14 @@ def _check(u, delta, A, B, C) -> None:
         )
 
 
-def _bwd_blocks(d: int, chunk: int, bwd_tile: int, kernel: str, block_d: int, group: int) -> tuple[int, int]:
-    """(channels per tile, tiles per program) of the backward."""
+def _bwd_grid(d: int, chunk: int, bwd_tile: int, kernel: str, block_d: int, group: int) -> tuple[int, int, int]:
+    """(channels per tile, tiles per program, programs per image) of the backward."""
     if kernel == "states":
         block_d = min(block_d, _next_pow2(d))
-        return block_d, max(min(group, d) // block_d, 1)
-    if kernel == "sequential":
-        return min(block_d, _next_pow2(d)), 1
-    return min(max(bwd_tile // chunk, 1), _next_pow2(d)), 1
+        sub = max(min(group, d) // block_d, 1)
+    else:
+        block_d, sub = min(block_d if kernel == "sequential" else max(bwd_tile // chunk, 1), _next_pow2(d)), 1
+    return block_d, sub, -(-d // (block_d * sub))
 
 
 # The kernels as two PyTorch custom ops with a fake (shape-only) implementation and an autograd formula, so that
@@ -422,8 +422,7 @@ def _scan_bwd_op(
     (Bt, programs per image, N, L) float32 that the caller reduces (deterministic, no atomics)."""
     bt, d, length = u.shape
     n = A.shape[1]
-    block_d, sub = _bwd_blocks(d, chunk, bwd_tile, bwd_kernel, bwd_block_d, bwd_group)
-    nprog = triton.cdiv(d, block_d * sub)
+    block_d, sub, nprog = _bwd_grid(d, chunk, bwd_tile, bwd_kernel, bwd_block_d, bwd_group)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u, dtype=torch.float32), torch.empty_like(delta, dtype=torch.float32)
     dA = torch.empty((bt, d, n), **f32)
@@ -452,8 +451,7 @@ def _scan_bwd_op(
 def _scan_bwd_fake(u, delta, A, B, C, dy, ckpt, chunk, bwd_tile, bwd_warps, bwd_kernel, bwd_block_d, bwd_group):
     bt, d, length = u.shape
     n = A.shape[1]
-    block_d, sub = _bwd_blocks(d, chunk, bwd_tile, bwd_kernel, bwd_block_d, bwd_group)
-    nblk = -(-d // (block_d * sub))
+    nblk = _bwd_grid(d, chunk, bwd_tile, bwd_kernel, bwd_block_d, bwd_group)[2]
     f32 = dict(dtype=torch.float32)
     return (torch.empty_like(u, **f32), torch.empty_like(delta, **f32), u.new_empty((bt, d, n), **f32),
             u.new_empty((bt, nblk, n, length), **f32), u.new_empty((bt, nblk, n, length), **f32))
