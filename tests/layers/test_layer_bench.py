@@ -1,7 +1,12 @@
 """The per-layer benchmark (`python -m defocus_clip.bench.towers --layer`): runs, reports both modules and the ratio
-ViT block / (2 x Mamba layer), and times a kernel built from another source, or ablated builds, in the same process."""
+ViT block / (2 x Mamba layer), and times a kernel built from another source, or ablated builds, in the same process;
+`--chain`, the mixer's fused kernels alone; and the paired ratios of the tower benchmarks."""
 
 from __future__ import annotations
+
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +149,34 @@ def test_gemm_bench_alternates_towers_and_accounts_their_matrix_products():
     assert rows["clip:ViT-B-32"]["rows"][("aten::addmm", 5, 768, 3072)][1] == 24
     text = towers.format_gemms(result)
     assert "clip:DeFocus-Mamba-Tiny-8: step" in text and text.count("matrix products by shape") == 2
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_chain_bench_times_each_kernel_op_per_build():
+    """`--chain`: the mixer's fused kernels alone, per op and per kernel build (another source, ablated builds)."""
+    result = towers.bench_chain(batch_size=1, tokens=3, calls=2, threads=1, compare_source=str(scan_cpu._SOURCE),
+                                ablate=("chain",), keep_memory=False)
+    rows = result["rows"]
+    assert set(rows) == {"shipped", "scan_cpu.cpp", "ablated: no chain"}
+    for row in rows.values():
+        assert all(row[op] > 0 for op in towers.CHAIN_OPS)
+        assert row["total"] == pytest.approx(sum(row[op] for op in towers.CHAIN_OPS), abs=0.02)
+    assert result["d_inner"] == 1536 and result["kept_freed_memory"] is False
+    text = towers.format_chain(result)
+    assert "chain_bwd ms" in text and "ablated: no chain" in text and "page faults add noise" in text
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_chain_cli_prints_the_table(capsys, monkeypatch):
+    monkeypatch.setattr(towers, "keep_freed_memory", lambda: False)  # leave this test process's malloc settings alone
+    assert towers.main(["--chain", "--batch-size", "1", "--steps", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fused mixer kernels alone: (Bt, L, D) = (1, 50, 1536)") and "shipped" in out
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_on_glibc():
+    """Run in a child process: the setting is process-wide."""
+    code = "from defocus_clip.bench.measure import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "True"

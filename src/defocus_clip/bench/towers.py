@@ -13,6 +13,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
     python -m defocus_clip.bench.towers --gemms --steps 4                              # GEMMs by shape, paired
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
+    python -m defocus_clip.bench.towers --chain --steps 25 --ablate scan chain        # the mixer kernels alone
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
     python -m defocus_clip.bench.towers --interleaved --ablate scan chain              # + ceilings (parts left out)
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
@@ -32,9 +33,18 @@ import contextlib
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
-from .measure import add_ratios, machine_info, run_worker, summarise, time_interleaved, time_steps
+from .measure import (
+    add_ratios,
+    keep_freed_memory,
+    machine_info,
+    run_worker,
+    summarise,
+    time_interleaved,
+    time_steps,
+)
 
 BASELINE = "clip:ViT-B-32"
 GOAL_MODEL = "clip:DeFocus-Mamba-B-32"
@@ -450,6 +460,91 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
+CHAIN_OPS = ("conv_fwd", "chain_fwd", "chain_bwd", "conv_bwd")
+def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
+    """The fused kernels' inputs at one B/32 De-focus Mamba mixer's shapes, with its initialisation: the in_proj
+    output xz (random), conv, x_proj, dt_proj, A, D and RoPE parameters, u = SiLU(conv(.)), the x_proj output, and a
+    random gradient of the chain's output."""
+    import torch
+
+    from ..layers import scan_cpu
+    from ..towers.mamba import DefocusMamba, DefocusMambaMixer
+
+    mixer = DefocusMambaMixer(dim, 2 * dim)
+    mixer.apply(DefocusMamba._init_weights)
+    mixer.reset_dt_parameters()
+    d = mixer.d_inner
+    with torch.no_grad():
+        xz = torch.randn(batch_size, tokens, 2 * d)
+        conv_w, conv_b = mixer.conv1d.weight.detach().flatten(1).contiguous(), mixer.conv1d.bias.detach()
+        u = scan_cpu._module().conv_fwd(xz[..., :d], conv_w, conv_b)[0]
+        return {"mixer": mixer, "xz": xz, "conv_w": conv_w, "conv_b": conv_b, "u": u,
+                "xdbl": u @ mixer.x_proj.weight.detach().t(), "A": -torch.exp(mixer.A_log.detach()),
+                "dout": torch.randn(batch_size, tokens, d), "dxz": torch.empty_like(xz)}
+
+
+def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads: int | None = None,
+                compare_source: str | None = None, ablate: tuple[str, ...] = (), keep_memory: bool = True) -> dict:
+    """The fused CPU kernels of one De-focus Mamba mixer alone, at one B/32 layer's shapes: the causal conv forward,
+    the chain's forward (dt_proj to gate), its backward, the conv's backward; each kernel build in turn per call
+    (`compare_source`, `ablate` as `bench_layer`), median ms per op. Why: the chain's cost by part without the matmuls
+    and autograd around it, and kernel variants compared within seconds. `keep_memory`: `keep_freed_memory()` first."""
+    import torch
+
+    from ..layers import scan_cpu
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    kept = keep_freed_memory() if keep_memory else False
+    kernels = {"shipped": scan_cpu._module(), **other_kernels(compare_source, ablate)}
+    x = _chain_inputs(batch_size, tokens)
+    m = x["mixer"]
+    d, r, n = m.d_inner, m.dt_rank, m.d_state
+    xdbl, xz, u = x["xdbl"], x["xz"], x["u"]
+    args = (m.group_norm_size, m.delta_scale_factor, m.freq.detach(), m.rope_scale_factor)
+    common = (m.D.detach(), xz[..., d:])
+
+    def ops(mod) -> dict:
+        dt, dtproj = scan_cpu._dt_input(mod, xdbl, r, m.dt_proj.weight.detach(), m.dt_proj.bias.detach(), u.shape)
+        head = (u, dt, x["A"], xdbl[..., r:r + n], xdbl[..., r + n:], *common)
+        _, yraw, *rstd = mod.defocus_fwd(*head, *args, *dtproj)
+        return {
+            "conv_fwd": lambda: mod.conv_fwd(xz[..., :d], x["conv_w"], x["conv_b"]),
+            "chain_fwd": lambda: mod.defocus_fwd(*head, *args, *dtproj),
+            "chain_bwd": lambda: mod.defocus_bwd(*head, yraw, x["dout"], *args, x["dxz"][..., d:], *dtproj,
+                                                 **scan_cpu._saved_rstd(rstd)),
+            "conv_bwd": lambda: mod.conv_bwd(xz[..., :d], x["conv_w"], x["conv_b"], x["dout"], dx=x["dxz"][..., :d]),
+        }
+
+    calls_by_kernel = {name: ops(mod) for name, mod in kernels.items()}
+    times = {name: {op: [] for op in CHAIN_OPS} for name in kernels}
+    for _ in range(calls):
+        for name, fns in calls_by_kernel.items():
+            for op in CHAIN_OPS:
+                start = time.perf_counter()
+                fns[op]()
+                times[name][op].append(time.perf_counter() - start)
+    rows = {name: {op: round(statistics.median(ts) * 1e3, 2) for op, ts in by_op.items()} for name, by_op in
+            times.items()}
+    for row in rows.values():
+        row["total"] = round(sum(row[op] for op in CHAIN_OPS), 2)
+    return {"batch_size": batch_size, "tokens": tokens, "d_inner": d, "calls": calls,
+            "threads": torch.get_num_threads(), "kept_freed_memory": kept, "compare_source": compare_source,
+            "ablate": list(ablate), "machine": machine_info(), "rows": rows}
+
+
+def format_chain(result: dict) -> str:
+    lines = [f"fused mixer kernels alone: (Bt, L, D) = ({result['batch_size']}, {result['tokens']}, "
+             f"{result['d_inner']}), fp32, {result['threads']} threads, median of {result['calls']} interleaved calls"
+             f"{'' if result['kept_freed_memory'] else ' (glibc may return memory: page faults add noise)'}",
+             _machine_line(result["machine"]),
+             f"  {'kernel':<28}" + "".join(f"{op + ' ms':>14}" for op in (*CHAIN_OPS, "total"))]
+    for name, row in result["rows"].items():
+        lines.append(f"  {name:<28}" + "".join(f"{row[op]:14.2f}" for op in (*CHAIN_OPS, "total")))
+    return "\n".join(lines)
+
+
 def _measure_cuda(tower, images, steps: int, warmup: int, capture: dict | None = None) -> dict:
     """Median synchronised step time of bf16-autocast forward + `square().mean()` + backward; peak memory of the
     timed steps: `max_memory_allocated` (weights, gradients, activations, workspace) and the part above what was
@@ -765,15 +860,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     p.add_argument("--profile", default=None, metavar="MODEL", help="print a per-op torch.profiler table")
     p.add_argument("--layer", action="store_true", help="one Mamba layer vs one ViT block, same process")
+    p.add_argument("--chain", action="store_true",
+                   help="the fused mixer kernels alone (conv, chain; forward, backward) at one layer's shapes")
     p.add_argument("--gemms", action="store_true",
                    help="step time and matrix products by shape of all --models, steps alternating in one process")
     p.add_argument("--interleaved", action="store_true",
                    help="speed only: all --models in one process, steps interleaved (paired ratios)")
     p.add_argument("--compare-source", default=None, metavar="CPP",
-                   help="--layer / --interleaved: also time De-focus Mamba with the kernel built from this C++ source")
+                   help="--layer / --chain / --interleaved: also time the kernel built from this C++ source")
     p.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS),
-                   help="--layer / --interleaved: also time De-focus Mamba with that part of the chain left out (wrong "
-                        "results; the speed it would have if that part were free)")
+                   help="--layer / --chain / --interleaved: also time a build with that part of the chain left out "
+                        "(wrong results; the speed it would have if that part were free)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: all --models on the GPU in this process, bf16 autocast (default batch 256)")
@@ -819,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
     elif a.interleaved:
         print(format_interleaved(bench_interleaved(a.models, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
                                                    a.compare_source, tuple(a.ablate))))
+    elif a.chain:
+        print(format_chain(bench_chain(a.batch_size, calls=max(a.steps, 1), threads=a.threads,
+                                       compare_source=a.compare_source, ablate=tuple(a.ablate))))
     elif a.layer:
         print(format_layer(bench_layer(a.batch_size, steps=max(a.steps, 1), warmup=a.warmup, threads=a.threads,
                                        compare_source=a.compare_source, ablate=tuple(a.ablate))))
