@@ -180,3 +180,23 @@ def test_keep_freed_memory_applies_on_glibc():
     code = "from defocus_clip.bench.measure import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "True"
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_scan_core_bench_reports_ticks_per_state_vector_and_token():
+    """`--scan-cycles`: forward and backward of the scan core alone per length; a build of a source without the entry
+    point is named, not an error."""
+    result = towers.bench_scan_core(lengths=(3, 5), tokens_per_run=300, compare_source=str(scan_cpu._SOURCE))
+    for name in ("shipped", "scan_cpu.cpp"):
+        assert set(result["rows"][name]) == {3, 5}
+        assert all(r["fwd"] > 0 and r["bwd"] > 0 for r in result["rows"][name].values())
+    text = towers.format_scan_core(result)
+    assert "backward (recompute + reverse)" in text and result["unit"] in text
+    result["rows"]["old.cpp"] = {}
+    assert "no scan_core_ticks in this build" in towers.format_scan_core(result)
+
+
+@pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
+def test_scan_core_ticks_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="pass 0 or 1"):
+        scan_cpu._module().scan_core_ticks(2, 8, 1)

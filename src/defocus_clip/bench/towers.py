@@ -14,6 +14,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers --gemms --steps 4                              # GEMMs by shape, paired
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --chain --steps 25 --ablate scan chain        # the mixer kernels alone
+    python -m defocus_clip.bench.towers --scan-cycles                                  # the scan core alone
     python -m defocus_clip.bench.towers --interleaved --steps 10                       # speed, one process, paired
     python -m defocus_clip.bench.towers --interleaved --ablate scan chain              # + ceilings (parts left out)
     python -m defocus_clip.bench.towers --device cuda --batch-size 256                # GPU, bf16 autocast
@@ -545,6 +546,44 @@ def format_chain(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_scan_core(lengths: tuple[int, ...] = (8, 16, 50), tokens_per_run: int = 40_000,
+                    compare_source: str | None = None) -> dict:
+    """The selective scan core of the fused CPU kernel alone (its `scan_core_ticks`: one group of 16 channels, N = 16,
+    buffers in L1/L2), forward and the backward's recompute + reverse, in ticks per state vector and token, per
+    sequence length; the kernels interleaved per length, also the one built from `compare_source` if it has the entry
+    point. Why: the core's own cost, without the element-wise passes and the memory traffic around it (`--chain`)."""
+    import platform
+
+    from ..layers import scan_cpu
+
+    kernels = {"shipped": scan_cpu._module()}
+    if compare_source:
+        kernels[Path(compare_source).name] = scan_cpu._build(Path(compare_source))
+    rows: dict = {name: {} for name in kernels}
+    for length in lengths:
+        reps = max(1, tokens_per_run // length)
+        for name, mod in kernels.items():
+            if hasattr(mod, "scan_core_ticks"):
+                rows[name][length] = {"fwd": round(mod.scan_core_ticks(0, length, reps), 2),
+                                      "bwd": round(mod.scan_core_ticks(1, length, reps), 2)}
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return {"unit": "time-stamp-counter ticks" if x86 else "ns", "lengths": list(lengths),
+            "compare_source": compare_source, "machine": machine_info(), "rows": rows}
+
+
+def format_scan_core(result: dict) -> str:
+    lines = [f"selective scan core alone (one group of 16 channels, N = 16, buffers in L1/L2): {result['unit']} per "
+             f"state vector and token, best of 5 runs",
+             _machine_line(result["machine"]),
+             f"  {'kernel':<28} {'L':>5} {'forward':>9} {'backward (recompute + reverse)':>32}"]
+    for name, by_length in result["rows"].items():
+        if not by_length:
+            lines.append(f"  {name:<28} (no scan_core_ticks in this build: an older source)")
+        for length, r in by_length.items():
+            lines.append(f"  {name:<28} {length:>5} {r['fwd']:9.2f} {r['bwd']:32.2f}")
+    return "\n".join(lines)
+
+
 def _measure_cuda(tower, images, steps: int, warmup: int, capture: dict | None = None) -> dict:
     """Median synchronised step time of bf16-autocast forward + `square().mean()` + backward; peak memory of the
     timed steps: `max_memory_allocated` (weights, gradients, activations, workspace) and the part above what was
@@ -860,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, JSON on stdout
     p.add_argument("--profile", default=None, metavar="MODEL", help="print a per-op torch.profiler table")
     p.add_argument("--layer", action="store_true", help="one Mamba layer vs one ViT block, same process")
+    p.add_argument("--scan-cycles", action="store_true",
+                   help="the selective scan core alone: ticks per state vector and token, forward and backward")
     p.add_argument("--chain", action="store_true",
                    help="the fused mixer kernels alone (conv, chain; forward, backward) at one layer's shapes")
     p.add_argument("--gemms", action="store_true",
@@ -867,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interleaved", action="store_true",
                    help="speed only: all --models in one process, steps interleaved (paired ratios)")
     p.add_argument("--compare-source", default=None, metavar="CPP",
-                   help="--layer / --chain / --interleaved: also time the kernel built from this C++ source")
+                   help="--layer / --chain / --scan-cycles / --interleaved: also time the kernel built from this C++ "
+                        "source")
     p.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS),
                    help="--layer / --chain / --interleaved: also time a build with that part of the chain left out "
                         "(wrong results; the speed it would have if that part were free)")
@@ -916,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.interleaved:
         print(format_interleaved(bench_interleaved(a.models, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
                                                    a.compare_source, tuple(a.ablate))))
+    elif a.scan_cycles:
+        print(format_scan_core(bench_scan_core(compare_source=a.compare_source)))
     elif a.chain:
         print(format_chain(bench_chain(a.batch_size, calls=max(a.steps, 1), threads=a.threads,
                                        compare_source=a.compare_source, ablate=tuple(a.ablate))))

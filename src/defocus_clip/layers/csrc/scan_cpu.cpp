@@ -30,10 +30,14 @@
 //    x_proj output): the kernel computes dt = dt_in dt_weight^T + dt_bias per block (DtSource), and defocus_bwd
 //    returns the gradients of dt_in and dt_weight in place of ddt, so no (Bt, L, D) dt or ddt ever exists.
 //  * rms_fwd / rms_bwd: the pre-norm of every Mamba block, RMSNorm over the last dim of (R, C), one pass each way.
+// And, for the benchmarks only, scan_core_ticks: the cost of the chain's scan core alone (bench.towers --scan-cycles).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #ifdef __AVX__
 #include <immintrin.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>  // __rdtsc (scan_core_ticks)
 #endif
 
 #include <cmath>
@@ -41,6 +45,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <new>
 #include <type_traits>
@@ -1483,6 +1488,54 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
   return g;
 }
 
+
+// For the benchmarks only (`python -m defocus_clip.bench.towers --scan-cycles`): the scan core of one group of kW
+// channels with N = 16 states (grp_fwd with outputs; the backward's recompute + reverse, grp_bwd16 with AVX-512, else
+// grp_bwd), `reps` times on buffers that stay in L1/L2; the best of 5 runs in time-stamp-counter ticks (x86; else
+// nanoseconds) per state vector and token. pass: 0 forward, 1 backward. The cost of the core without the element-wise
+// passes and memory traffic around it, comparable between kernel sources.
+double scan_core_ticks(int64_t pass, int64_t L, int64_t reps) {
+  TORCH_CHECK((pass == 0 || pass == 1) && L >= 1 && reps >= 1, "scan_core_ticks: pass 0 or 1, L >= 1, reps >= 1");
+  constexpr int N = 16;
+  const int64_t s = kW;
+  fvec u(L * kW, 0.5f), dl(L * kW), dy(L * kW, 0.3f), y(L * kW), du(L * kW), ddl(L * kW), av(N * kW), dAv(N * kW),
+      hs((L + 1) * N * kW), as(L * N * kW), dB(L * N, 0.f), dC(L * N, 0.f), Bl(L * N, 0.2f), Cl(L * N, 0.1f),
+      dBv(L * N * kW, 0.f), dCv(L * N * kW, 0.f);
+  for (int i = 0; i < N * kW; ++i) av[i] = -(float)(1 + i / kW) * kLog2e;  // A = -(n + 1), the Mamba initialisation
+  const auto now = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    return (double)__rdtsc();
+#else
+    return (double)std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+#endif
+  };
+  double best = 0.;
+  for (int run = 0; run < 5; ++run) {
+    std::fill(dl.begin(), dl.end(), 0.05f);
+    const double t0 = now();
+    for (int64_t k = 0; k < reps; ++k) {
+      if (pass == 0) {
+        grp_fwd<N, true, false>(u.data(), dl.data(), s, av.data(), Bl.data(), Cl.data(), (int)L, N, y.data(), nullptr,
+                                nullptr);
+      } else {
+#if defined(__AVX512F__)
+        if constexpr (kW == 16) {
+          grp_bwd16(u.data(), dl.data(), dy.data(), s, av.data(), Bl.data(), Cl.data(), (int)L, hs.data(), as.data(),
+                    du.data(), ddl.data(), dAv.data(), dB.data(), dC.data(), nullptr);
+          continue;
+        }
+#endif
+        grp_bwd<N>(u.data(), dl.data(), dy.data(), s, av.data(), Bl.data(), Cl.data(), (int)L, N, hs.data(), as.data(),
+                   du.data(), ddl.data(), dAv.data(), dBv.data(), dCv.data());
+      }
+    }
+    const double t = (now() - t0) / ((double)reps * (double)L * N);
+    best = run == 0 ? t : std::min(best, t);
+  }
+  return best;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1491,6 +1544,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // rstd, which defocus_bwd takes (rstd=) (layers/scan_cpu.py)
   m.attr("KERNEL_VERSION") = 6;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
+  m.def("scan_core_ticks", &scan_core_ticks, "benchmarks only: the scan core's ticks per state vector and token",
+        py::arg("pass"), py::arg("L"), py::arg("reps"));
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
