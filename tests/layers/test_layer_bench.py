@@ -152,10 +152,11 @@ def test_gemm_bench_alternates_towers_and_accounts_their_matrix_products():
 
 
 @pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
-def test_chain_bench_times_each_kernel_op_per_build():
+def test_chain_bench_times_each_kernel_op_per_build(fake_ablated_builds):
     """`--chain`: the mixer's fused kernels alone, per op and per kernel build (another source, ablated builds)."""
     result = towers.bench_chain(batch_size=1, tokens=3, calls=2, threads=1, compare_source=str(scan_cpu._SOURCE),
                                 ablate=("chain",), keep_memory=False)
+    assert fake_ablated_builds == [(), ("DEFOCUS_ABLATE=2",)]  # the other source, then the ablated build
     rows = result["rows"]
     assert set(rows) == {"shipped", "scan_cpu.cpp", "ablated: no chain"}
     for row in rows.values():
