@@ -1488,7 +1488,6 @@ std::vector<torch::Tensor> defocus_bwd(torch::Tensor u, torch::Tensor dt, torch:
   return g;
 }
 
-
 // For the benchmarks only (`python -m defocus_clip.bench.towers --scan-cycles`): the scan core of one group of kW
 // channels with N = 16 states (grp_fwd with outputs; the backward's recompute + reverse, grp_bwd16 with AVX-512, else
 // grp_bwd), `reps` times on buffers that stay in L1/L2; the best of 5 runs in time-stamp-counter ticks (x86; else
@@ -1498,7 +1497,7 @@ double scan_core_ticks(int64_t pass, int64_t L, int64_t reps) {
   TORCH_CHECK((pass == 0 || pass == 1) && L >= 1 && reps >= 1, "scan_core_ticks: pass 0 or 1, L >= 1, reps >= 1");
   constexpr int N = 16;
   const int64_t s = kW;
-  fvec u(L * kW, 0.5f), dl(L * kW), dy(L * kW, 0.3f), y(L * kW), du(L * kW), ddl(L * kW), av(N * kW), dAv(N * kW),
+  fvec u(L * kW, 0.5f), dl(L * kW, 0.05f), dy(L * kW, 0.3f), y(L * kW), du(L * kW), ddl(L * kW), av(N * kW), dAv(N * kW),
       hs((L + 1) * N * kW), as(L * N * kW), dB(L * N, 0.f), dC(L * N, 0.f), Bl(L * N, 0.2f), Cl(L * N, 0.1f),
       dBv(L * N * kW, 0.f), dCv(L * N * kW, 0.f);
   for (int i = 0; i < N * kW; ++i) av[i] = -(float)(1 + i / kW) * kLog2e;  // A = -(n + 1), the Mamba initialisation
@@ -1512,7 +1511,6 @@ double scan_core_ticks(int64_t pass, int64_t L, int64_t reps) {
   };
   double best = 0.;
   for (int run = 0; run < 5; ++run) {
-    std::fill(dl.begin(), dl.end(), 0.05f);
     const double t0 = now();
     for (int64_t k = 0; k < reps; ++k) {
       if (pass == 0) {
