@@ -556,9 +556,7 @@ def bench_scan_core(lengths: tuple[int, ...] = (8, 16, 50), tokens_per_run: int 
 
     from ..layers import scan_cpu
 
-    kernels = {"shipped": scan_cpu._module()}
-    if compare_source:
-        kernels[Path(compare_source).name] = scan_cpu._build(Path(compare_source))
+    kernels = {"shipped": scan_cpu._module(), **other_kernels(compare_source)}
     rows: dict = {name: {} for name in kernels}
     for length in lengths:
         reps = max(1, tokens_per_run // length)
