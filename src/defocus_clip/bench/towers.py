@@ -392,18 +392,22 @@ def _kernel(module):
         RMSNormFp32.forward = norm
 
 
-def _layer_modules(tokens: int, dim: int = 768):
-    """One B/32 De-focus Mamba layer (RMSNorm + mixer, inner 2 dim, N 16, initialised as in the tower) and one timm
-    ViT-B block (dim 768, 12 heads, MLP 4x, qkv bias), both in train mode."""
-    import timm.models.vision_transformer as tvt
-
+def _mamba_layer(dim: int = 768):
+    """One B/32 De-focus Mamba layer: RMSNorm + mixer, inner 2 dim, N 16, initialised as in the tower."""
     from ..towers.mamba import DefocusMamba, DefocusMambaMixer, MambaBlock
 
     mamba = MambaBlock(dim, DefocusMambaMixer(dim, 2 * dim))
     mamba.apply(DefocusMamba._init_weights)
     mamba.mixer.reset_dt_parameters()
+    return mamba
+
+
+def _layer_modules(tokens: int, dim: int = 768):
+    """`_mamba_layer` and one timm ViT-B block (dim 768, 12 heads, MLP 4x, qkv bias), both in train mode."""
+    import timm.models.vision_transformer as tvt
+
     vit = tvt.Block(dim, num_heads=12, mlp_ratio=4.0, qkv_bias=True)
-    return mamba.train(), vit.train()
+    return _mamba_layer(dim).train(), vit.train()
 
 
 def bench_layer(batch_size: int = 32, tokens: int = 50, steps: int = 7, warmup: int = 2, threads: int | None = None,
@@ -469,11 +473,8 @@ def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
     import torch
 
     from ..layers import scan_cpu
-    from ..towers.mamba import DefocusMamba, DefocusMambaMixer
 
-    mixer = DefocusMambaMixer(dim, 2 * dim)
-    mixer.apply(DefocusMamba._init_weights)
-    mixer.reset_dt_parameters()
+    mixer = _mamba_layer(dim).mixer
     d = mixer.d_inner
     with torch.no_grad():
         xz = torch.randn(batch_size, tokens, 2 * d)
