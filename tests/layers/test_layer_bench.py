@@ -201,3 +201,11 @@ def test_scan_core_bench_reports_ticks_per_state_vector_and_token():
 def test_scan_core_ticks_checks_its_arguments():
     with pytest.raises(RuntimeError, match="pass 0 or 1"):
         scan_cpu._module().scan_core_ticks(2, 8, 1)
+
+
+def test_missing_compare_source_is_a_clear_cli_error(capsys, tmp_path):
+    missing = tmp_path / "old_kernel.cpp"
+    with pytest.raises(SystemExit) as e:
+        towers.main(["--chain", "--compare-source", str(missing)])
+    assert e.value.code == 2
+    assert f"--compare-source {missing}: no such C++ source file" in capsys.readouterr().err

@@ -933,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    if a.compare_source and not Path(a.compare_source).is_file():
+        p.error(f"--compare-source {a.compare_source}: no such C++ source file")
     if a.device == "cuda":
         if a.profile:
             print(profile_tower(a.profile, a.batch_size or 256, a.image_size, a.steps, device="cuda"))
