@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
 import timm
 
 import defocus_clip
@@ -40,3 +45,21 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["scan_impl"]["cpu"] == resolve_scan_impl("cpu")
     assert info["timm_towers"] == defocus_clip.list_towers()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_install_checks_free_disk_first(tmp_path):
+    """`make install` stops before writing anything, saying what it needs, when the venv's disk is too small."""
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "not" / "yet" / ".venv"  # no torch there; its nearest existing folder is tmp_path
+
+    def check(gb: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", "-C", str(root), "check-disk", f"VENV={venv}", f"INSTALL_GB={gb}"],
+                              capture_output=True, text=True, timeout=60)
+
+    assert check(0).returncode == 0
+    short = check(10**9)
+    assert short.returncode != 0
+    assert f"{venv} needs about {10**9} GB of free disk" in short.stderr
+    assert f"the disk that holds {tmp_path} has" in short.stderr
+    assert not venv.parent.exists()
