@@ -209,3 +209,34 @@ def test_missing_compare_source_is_a_clear_cli_error(capsys, tmp_path):
         towers.main(["--chain", "--compare-source", str(missing)])
     assert e.value.code == 2
     assert f"--compare-source {missing}: no such C++ source file" in capsys.readouterr().err
+
+
+def test_drop_path_bench_pairs_the_skipped_and_masked_forms(capsys):
+    """`--drop-path`: one tower at rate 0 and at the rate in both forms, steps paired; the module switch restored."""
+    from defocus_clip.layers import drop_path as drop_path_mod
+
+    result = towers.bench_drop_path(0.5, "timm:defocus_mamba_tiny_patch8_64", batch_size=4, image_size=64, steps=2,
+                                    warmup=0, threads=1)
+    assert list(result["models"]) == ["rate 0", "rate 0.5, masked (timm)", "rate 0.5, dropped samples skipped"]
+    assert all(len(r["step_times_s"]) == 2 and r["img_s"] > 0 for r in result["models"].values())
+    assert result["skip_speedup"] > 0 and result["kept_fraction"] == pytest.approx(0.75)
+    assert drop_path_mod.SKIP_DROPPED is True
+    assert "x the speed of the masked form" in towers.format_drop_path(result)
+    assert towers.main(["--drop-path", "0.2", "--models", "defocus_mamba_tiny_patch8_64", "--image-size", "64",
+                        "--batch-size", "2", "--steps", "1", "--warmup", "0", "--threads", "1"]) == 0
+    assert "training at drop path 0.2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [(["--drop-path", "1.0"], "must be in (0, 1)"),
+                                           (["--drop-path", "0.3", "--models", "a", "b"], "one tower")])
+def test_drop_path_bench_cli_errors(args, message, capsys):
+    with pytest.raises(SystemExit):
+        towers.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_drop_path_bench_needs_a_tower_with_a_drop_path_schedule():
+    from defocus_clip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="clip:ViT-B-32 has no set_drop_path_rate"):
+        towers.bench_drop_path(0.3, "ViT-B-32", batch_size=1, image_size=32, steps=1, warmup=0)

@@ -264,6 +264,69 @@ def format_interleaved(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_drop_path(rate: float, model: str = GOAL_MODEL, batch_size: int = 32, image_size: int = 224,
+                    steps: int = 6, warmup: int = 1, threads: int | None = None) -> dict:
+    """Training steps of one De-focus tower at drop-path `rate` (the ramp's maximum, as the trainer sets it), with the
+    dropped samples skipped (`layers.drop_path.add_drop_path`) against timm's masked computation, and at rate 0. One
+    process, steps interleaved; the k-th step of every variant runs with seed k, so both forms drop the same samples
+    and do the same work apart from the skipping."""
+    import torch
+
+    from ..errors import ConfigError
+    from ..layers import drop_path as drop_path_mod
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    spec = resolve_spec(model)
+    tower = build_tower(spec, image_size)
+    trunk = getattr(tower, "trunk", tower)  # OpenCLIP wraps a timm tower as `visual.trunk`
+    if not hasattr(trunk, "set_drop_path_rate"):
+        raise ConfigError(f"--drop-path: {spec} has no set_drop_path_rate (the De-focus towers have)")
+    trunk.set_drop_path_rate(rate)  # validates the rate
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    variants = {"rate 0": (0.0, True), f"rate {rate:g}, masked (timm)": (rate, False),
+                f"rate {rate:g}, dropped samples skipped": (rate, True)}
+    seeds = dict.fromkeys(variants, 0)
+
+    def step(name: str) -> None:
+        r, skip = variants[name]
+        trunk.set_drop_path_rate(r)
+        drop_path_mod.SKIP_DROPPED = skip
+        torch.manual_seed(seeds[name])
+        seeds[name] += 1
+        try:
+            train_step(tower, images)
+        finally:
+            drop_path_mod.SKIP_DROPPED = True
+
+    times = time_interleaved(step, list(variants), steps, warmup)
+    base = times["rate 0"]
+    rows = {n: {"img_s": round(batch_size / statistics.median(ts), 2),
+                "vs_rate_0": round(statistics.median([b / t for b, t in zip(base, ts)]), 3),
+                "step_times_s": [round(t, 3) for t in ts]} for n, ts in times.items()}
+    masked, skipped = (times[n] for n in list(variants)[1:])
+    speedup = statistics.median([m / t for m, t in zip(masked, skipped)])
+    depth = len(trunk.blocks)
+    return {"model": spec, "rate": rate, "skip_speedup": round(speedup, 3), "batch_size": batch_size,
+            "image_size": image_size, "steps": steps,
+            "threads": torch.get_num_threads(), "machine": machine_info(),
+            "kept_fraction": round(1 - sum(drop_path_mod.drop_path_rates(rate, depth)) / depth, 3), "models": rows}
+
+
+def format_drop_path(result: dict) -> str:
+    lines = [f"{result['model']} training at drop path {result['rate']:g} (ramp over the blocks; expected share of "
+             f"block work kept {result['kept_fraction']:.3f}): batch {result['batch_size']}, {result['image_size']} "
+             f"px, fp32 forward+backward, {result['threads']} threads, {result['steps']} interleaved steps each",
+             _machine_line(result["machine"]),
+             f"  {'variant':<45} {'img/s':>7} {'vs rate 0 (paired)':>19}"]
+    for name, r in result["models"].items():
+        lines.append(f"  {name:<45} {r['img_s']:7.2f} {r['vs_rate_0']:19.3f}")
+    lines.append(f"  skipping the dropped samples: {result['skip_speedup']:.2f}x the speed of the masked form (median "
+                 "of the paired steps, same seed)")
+    return "\n".join(lines)
+
+
 def profile_tower(spec: str, batch_size: int, image_size: int, steps: int = 2, row_limit: int = 25,
                   threads: int | None = None, device: str = "cpu") -> str:
     """torch.profiler table of `steps` forward+backward steps after one warm-up step: self CPU time per op, then (CPU)
@@ -904,6 +967,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the fused mixer kernels alone (conv, chain; forward, backward) at one layer's shapes")
     p.add_argument("--gemms", action="store_true",
                    help="step time and matrix products by shape of all --models, steps alternating in one process")
+    p.add_argument("--drop-path", type=float, default=None, metavar="RATE",
+                   help="one De-focus tower (--models, default the goal model) training at this drop-path rate: the "
+                        "dropped samples skipped vs timm's masked form vs rate 0, steps interleaved")
     p.add_argument("--interleaved", action="store_true",
                    help="speed only: all --models in one process, steps interleaved (paired ratios)")
     p.add_argument("--compare-source", default=None, metavar="CPP",
@@ -956,6 +1022,13 @@ def main(argv: list[str] | None = None) -> int:
     a.batch_size = a.batch_size or 32
     if a.worker:
         print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
+    elif a.drop_path is not None:
+        if a.models and len(a.models) != 1:
+            p.error("--drop-path measures one tower: give at most one --models")
+        if not 0.0 < a.drop_path < 1.0:
+            p.error(f"--drop-path {a.drop_path}: the rate must be in (0, 1)")
+        print(format_drop_path(bench_drop_path(a.drop_path, a.models[0] if a.models else GOAL_MODEL, a.batch_size,
+                                               a.image_size, a.steps, a.warmup, a.threads)))
     elif a.interleaved:
         print(format_interleaved(bench_interleaved(a.models, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
                                                    a.compare_source, tuple(a.ablate))))

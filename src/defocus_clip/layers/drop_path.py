@@ -3,11 +3,12 @@
 The per-layer rates are the usual stochastic-depth ramp `linspace(0, rate, depth)`; the trainer raises `rate`
 linearly over training (`scheduled_drop_path_rate`), so the maximum applies only late, when it helps.
 `ScheduledDropPath` is the variant for compiled blocks (`towers.compile`): its rate is also a tensor.
+`add_drop_path` is how the blocks apply it: the branch runs only on the samples that are kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,43 @@ class ScheduledDropPath(DropPath):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = (torch.rand(shape, device=x.device, dtype=torch.float32) < keep).to(torch.float32)
         return x * (mask / keep if self.scale_by_keep else mask).to(x.dtype)
+
+
+# False: `add_drop_path` computes the branch for every sample and multiplies the dropped ones by zero, as timm's
+# DropPath does (the benchmarks' reference: `python -m defocus_clip.bench.towers --drop-path RATE`).
+SKIP_DROPPED = True
+
+
+def add_drop_path(
+    x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop_path: nn.Module
+) -> torch.Tensor:
+    """`x + drop_path(branch(x))`, with `branch` run only on the samples that drop path keeps.
+
+    Why: at the paper's rates (a ramp up to 0.5-0.7) timm's DropPath computes every block for the whole batch and
+    then multiplies a quarter to a third of it by zero; here the kept samples are gathered, the branch runs on them,
+    and its output, scaled by 1 / keep as timm scales it, is added back into their rows. The mask is drawn as timm
+    draws it (one `bernoulli_` over the batch), before the branch instead of after, so with a branch that draws no
+    random numbers itself a seed gives the same masks, outputs and gradients either way. The branch must treat
+    samples independently (no batch statistics): true of every tower here. When no sample is kept, the branch still
+    runs on the whole batch, multiplied by zero, so that every parameter gets a (zero) gradient, as DDP and
+    DeepSpeed expect. Compiled code (`ScheduledDropPath`) keeps timm's masked form: a batch whose size changed from
+    layer to layer would recompile.
+    """
+    # compiling: the rate must not be read here (dynamo would specialise on it and recompile at every new rate)
+    if torch.compiler.is_compiling() or not SKIP_DROPPED or not drop_path.training or drop_path.drop_prob == 0.0:
+        return x + drop_path(branch(x)).to(x.dtype)
+    p = float(drop_path.drop_prob)
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],)).bernoulli_(keep)  # timm: x.new_empty((B, 1, ..)).bernoulli_(keep)
+    kept = mask.nonzero().flatten()
+    if kept.numel() == 0:
+        return x + branch(x).to(x.dtype) * 0.0
+    if drop_path.scale_by_keep:
+        mask.div_(keep)  # as timm scales, so that the kept samples' factor is the same float
+    scale = float(mask[kept[0]])
+    if kept.numel() == x.shape[0]:
+        return x + branch(x).to(x.dtype) * scale
+    return x.index_add(0, kept, branch(x.index_select(0, kept)).to(x.dtype) * scale)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:

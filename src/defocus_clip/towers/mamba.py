@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from ..layers.causal_conv import causal_conv1d_silu
+from ..layers.drop_path import add_drop_path
 from ..layers.rope import apply_rope, rope_angles
 from ..layers.scan import resolve_scan_impl, selective_scan
 from ..layers.scan_cpu import (
@@ -190,8 +191,8 @@ class MambaBlock(nn.Module):
                 and not (self.training and self.drop_path.drop_prob > 0)):
             h, residual = self.norm.with_residual(x)  # no drop path: out_proj's GEMM adds the residual back
             return mixer(h, residual=residual)
-        h = self.norm(x, fused=fused).to(mixer.in_proj.weight.dtype)  # weights may be bf16 (DeepSpeed bf16)
-        return x + self.drop_path(mixer(h)).to(x.dtype)
+        return add_drop_path(x, lambda x: mixer(self.norm(x, fused=fused).to(mixer.in_proj.weight.dtype)),
+                             self.drop_path)  # weights may be bf16 (DeepSpeed bf16)
 
 
 class DefocusMamba(TokenTower):

@@ -30,6 +30,7 @@ from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 
 from ..errors import ConfigError
 from ..layers.bandpass import BandpassFilter
+from ..layers.drop_path import add_drop_path
 from .base import TokenTower, check_attention_shape, reject_unknown_kwargs
 from .vit import LN_EPS6
 
@@ -143,8 +144,8 @@ class RetNetBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.retention(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = add_drop_path(x, lambda x: self.ls1(self.retention(self.norm1(x))), self.drop_path)
+        return add_drop_path(x, lambda x: self.ls2(self.mlp(self.norm2(x))), self.drop_path)
 
 
 class DefocusRetNet(TokenTower):

@@ -26,6 +26,7 @@ from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc
 
 from ..errors import ConfigError
 from ..layers.bandpass import BandpassFilter
+from ..layers.drop_path import add_drop_path
 from .base import TokenTower, check_attention_shape, reject_unknown_kwargs
 
 LN_EPS6 = partial(nn.LayerNorm, eps=1e-6)  # DeiT's norm
@@ -119,8 +120,8 @@ class DeitBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = add_drop_path(x, lambda x: self.ls1(self.attn(self.norm1(x))), self.drop_path)
+        return add_drop_path(x, lambda x: self.ls2(self.mlp(self.norm2(x))), self.drop_path)
 
 
 class DefocusViT(TokenTower):
