@@ -308,9 +308,8 @@ def bench_drop_path(rate: float, model: str = GOAL_MODEL, batch_size: int = 32, 
     masked, skipped = (times[n] for n in list(variants)[1:])
     speedup = statistics.median([m / t for m, t in zip(masked, skipped)])
     depth = len(trunk.blocks)
-    return {"model": spec, "rate": rate, "skip_speedup": round(speedup, 3), "batch_size": batch_size,
-            "image_size": image_size, "steps": steps,
-            "threads": torch.get_num_threads(), "machine": machine_info(),
+    return {"model": spec, "rate": rate, "batch_size": batch_size, "image_size": image_size, "steps": steps,
+            "threads": torch.get_num_threads(), "machine": machine_info(), "skip_speedup": round(speedup, 3),
             "kept_fraction": round(1 - sum(drop_path_mod.drop_path_rates(rate, depth)) / depth, 3), "models": rows}
 
 

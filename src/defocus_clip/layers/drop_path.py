@@ -78,8 +78,7 @@ def add_drop_path(
     # compiling: the rate must not be read here (dynamo would specialise on it and recompile at every new rate)
     if torch.compiler.is_compiling() or not SKIP_DROPPED or not drop_path.training or drop_path.drop_prob == 0.0:
         return x + drop_path(branch(x)).to(x.dtype)
-    p = float(drop_path.drop_prob)
-    keep = 1.0 - p
+    keep = 1.0 - float(drop_path.drop_prob)
     mask = x.new_empty((x.shape[0],)).bernoulli_(keep)  # timm: x.new_empty((B, 1, ..)).bernoulli_(keep)
     kept = mask.nonzero().flatten()
     if kept.numel() == 0:
