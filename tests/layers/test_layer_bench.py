@@ -228,7 +228,8 @@ def test_drop_path_bench_pairs_the_skipped_and_masked_forms(capsys):
 
 
 @pytest.mark.parametrize("args, message", [(["--drop-path", "1.0"], "must be in (0, 1)"),
-                                           (["--drop-path", "0.3", "--models", "a", "b"], "one tower")])
+                                           (["--drop-path", "0.3", "--models", "a", "b"], "one tower"),
+                                           (["--drop-path", "0.3", "--device", "cuda"], "measures on the CPU")])
 def test_drop_path_bench_cli_errors(args, message, capsys):
     with pytest.raises(SystemExit):
         towers.main(args)

@@ -1000,6 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.compare_source and not Path(a.compare_source).is_file():
         p.error(f"--compare-source {a.compare_source}: no such C++ source file")
+    if a.device == "cuda" and a.drop_path is not None:
+        p.error("--drop-path measures on the CPU only: leave out --device cuda")
     if a.device == "cuda":
         if a.profile:
             print(profile_tower(a.profile, a.batch_size or 256, a.image_size, a.steps, device="cuda"))
