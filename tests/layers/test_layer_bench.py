@@ -50,6 +50,52 @@ def test_speed_ratio_is_paired_per_repeat():
     add_ratios([model, base], base)
     assert model["speed_ratio"] == 0.9 and model["speed_ratio_runs"] == [0.9, 0.9, 0.5]
     assert model["memory_ratio"] == 1.5 and base["speed_ratio"] == 1.0
+    assert model["speed_ratio_interval"] == [0.5, 0.9, 0.75]  # 3 repeats: [min, max] covers the median 75%
+
+
+def test_median_interval_is_the_binomial_order_statistics_interval():
+    from defocus_clip.bench.measure import median_interval
+
+    assert median_interval([2.0]) == (2.0, 2.0, 0.0)
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+    # n = 40: k = 14 is the largest with 1 - 2 P(Bin(40, 1/2) <= 13) >= 0.95 (0.9615; k = 15 gives 0.9193)
+    lo, hi, level = median_interval([float(i) for i in range(40)])
+    assert (lo, hi) == (13.0, 26.0) and abs(level - 0.96152) < 1e-4
+    with pytest.raises(ValueError, match="at least one value"):
+        median_interval([])
+
+
+def test_median_interval_covers_the_true_median_of_a_skewed_distribution():
+    """The interval assumes nothing about the distribution: on exponential samples (median ln 2) it covers the true
+    median at least as often as its level says."""
+    import math
+    import random
+
+    from defocus_clip.bench.measure import median_interval
+
+    rng = random.Random(0)
+    trials, hits = 2000, 0
+    for _ in range(trials):
+        lo, hi, level = median_interval([rng.expovariate(1.0) for _ in range(15)])
+        hits += lo <= math.log(2) <= hi
+    assert level >= 0.95 and hits / trials >= level - 0.015
+
+
+def test_goal_verdict_judges_the_interval_not_the_median_alone():
+    assert towers.goal_verdict(0.95, [0.91, 0.97, 0.96], 0.9) == "meets"
+    assert towers.goal_verdict(0.91, [0.88, 0.92, 0.96], 0.9) == "at"
+    assert towers.goal_verdict(0.89, [0.88, 0.92, 0.96], 0.9) == "at"
+    assert towers.goal_verdict(0.85, [0.80, 0.89, 0.96], 0.9) == "below"
+    assert towers.goal_verdict(0.91, None, 0.9) == "meets"  # one repeat: the median is all there is
+
+
+def test_goal_line_reports_the_interval_and_verdict():
+    result = {"goal": {"model": towers.GOAL_MODEL, "ratio": 0.9}, "baseline": towers.BASELINE,
+              "models": {towers.GOAL_MODEL: {"speed_ratio": 0.908, "speed_ratio_interval": [0.878, 0.915, 0.96]}}}
+    (line,) = towers.goal_lines(result)
+    assert "ratio: 0.91, 96% interval of the median 0.88-0.92 (at the goal >= 0.9; more paired steps" in line
+    result["models"] = {}
+    assert towers.goal_lines(result) == []
 
 
 @pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
@@ -67,6 +113,8 @@ def test_interleaved_tower_bench_pairs_steps_and_compares_a_kernel(capsys):
     assert all(len(r["step_times_s"]) == 2 and r["img_s"] > 0 for r in rows.values())
     assert scan_cpu._module() is shipped and RMSNormFp32.forward is norm
     assert "vs ViT (paired)" in towers.format_interleaved(result)
+    lo, hi, level = rows["clip:DeFocus-Mamba-Tiny-8"]["speed_ratio_interval"]
+    assert lo <= rows["clip:DeFocus-Mamba-Tiny-8"]["speed_ratio"] <= hi and level == 0.5  # 2 steps: [min, max]
 
 
 @pytest.fixture

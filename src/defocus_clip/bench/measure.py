@@ -10,6 +10,7 @@ comparable between models measured the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -130,18 +131,42 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of `values`: (lo, hi, level).
+
+    Why: on these shared machines a paired ratio swings by +-20% from step to step, so a median alone cannot tell a
+    tower at 0.91 from one at 0.89. The interval is the pair of order statistics x_(k), x_(n+1-k) with the largest k
+    whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least `confidence` (no assumption about the distribution of
+    the values, only that they are independent). Few values cannot reach `confidence`: then the interval is
+    [min, max] and `level` says what it covers (3 values: 75%; 1 value: 0)."""
+    if not values:
+        raise ValueError("median_interval needs at least one value")
+    xs, n = sorted(values), len(values)
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return xs[k - 1], xs[n - k], max(0.0, coverage(k))
+
+
 def add_ratios(rows: list[dict], base: dict | None) -> None:
     """Speed and memory of every row relative to the baseline row, in place.
 
     The speed ratio is paired: the median over repeats of (this model's images/s / the baseline's in the same
     repeat), so that load changing between repeats (these machines swing by +-20% within minutes) cancels; the
-    per-repeat ratios are kept in `speed_ratio_runs`. The memory ratio compares the medians."""
+    per-repeat ratios are kept in `speed_ratio_runs`, and `median_interval` of them in `speed_ratio_interval`
+    ([lo, hi, level]). The memory ratio compares the medians."""
     for r in rows:
-        r["speed_ratio"] = r["speed_ratio_runs"] = None
+        r["speed_ratio"] = r["speed_ratio_runs"] = r["speed_ratio_interval"] = None
         if base:
             pairs = [a / b for a, b in zip(r.get("img_s_runs", []), base.get("img_s_runs", [])) if a and b]
             r["speed_ratio_runs"] = [round(x, 3) for x in pairs] or None
             r["speed_ratio"] = round(statistics.median(pairs) if pairs else r["img_s"] / base["img_s"], 3)
+            if pairs:
+                r["speed_ratio_interval"] = [round(x, 3) for x in median_interval(pairs)]
         r["memory_ratio"] = (round(r["peak_step_mb"] / base["peak_step_mb"], 3)
                              if base and r["peak_step_mb"] and base["peak_step_mb"] else None)
 
