@@ -61,6 +61,9 @@ def test_median_interval_is_the_binomial_order_statistics_interval():
     # n = 40: k = 14 is the largest with 1 - 2 P(Bin(40, 1/2) <= 13) >= 0.95 (0.9615; k = 15 gives 0.9193)
     lo, hi, level = median_interval([float(i) for i in range(40)])
     assert (lo, hi) == (13.0, 26.0) and abs(level - 0.96152) < 1e-4
+    # many values (exact integer binomials, no float overflow past n = 1023): the normal approximation's k ~ 956
+    lo, hi, level = median_interval([float(i) for i in range(2000)])
+    assert (lo, hi) == (955.0, 1044.0) and 0.95 <= level < 0.96
     with pytest.raises(ValueError, match="at least one value"):
         median_interval([])
 

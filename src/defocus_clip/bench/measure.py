@@ -142,14 +142,12 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     if not values:
         raise ValueError("median_interval needs at least one value")
     xs, n = sorted(values), len(values)
-
-    def coverage(k: int) -> float:
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
-
-    k = 1
-    while k < (n + 1) // 2 and coverage(k + 1) >= confidence:
+    total = 2**n  # integers throughout: exact, and no float overflow for n > 1023
+    k, below = 1, 1  # below = sum of C(n, i) for i < k: the coverage of (x_(k), x_(n+1-k)) is 1 - 2 below / 2^n
+    while k < (n + 1) // 2 and 1 - 2 * (below + math.comb(n, k)) / total >= confidence:
+        below += math.comb(n, k)
         k += 1
-    return xs[k - 1], xs[n - k], max(0.0, coverage(k))
+    return xs[k - 1], xs[n - k], max(0.0, 1 - 2 * below / total)
 
 
 def add_ratios(rows: list[dict], base: dict | None) -> None:
