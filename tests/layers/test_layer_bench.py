@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from defocus_clip.bench import towers
+from defocus_clip.bench import measure, towers
 from defocus_clip.layers import scan_cpu
 
 
@@ -213,17 +213,33 @@ def test_chain_bench_times_each_kernel_op_per_build(fake_ablated_builds):
     for row in rows.values():
         assert all(row[op] > 0 for op in towers.CHAIN_OPS)
         assert row["total"] == pytest.approx(sum(row[op] for op in towers.CHAIN_OPS), abs=0.02)
-    assert result["d_inner"] == 1536 and result["kept_freed_memory"] is False
+    assert result["d_inner"] == 1536 and result["kept_freed_memory"] is False and result["cold_caches_mb"] >= 1
     text = towers.format_chain(result)
     assert "chain_bwd ms" in text and "ablated: no chain" in text and "page faults add noise" in text
+    assert "caches flushed before each call" in text
 
 
 @pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
 def test_chain_cli_prints_the_table(capsys, monkeypatch):
     monkeypatch.setattr(towers, "keep_freed_memory", lambda: False)  # leave this test process's malloc settings alone
-    assert towers.main(["--chain", "--batch-size", "1", "--steps", "1", "--threads", "1"]) == 0
+    assert towers.main(["--chain", "--batch-size", "1", "--steps", "1", "--threads", "1", "--warm-caches"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("fused mixer kernels alone: (Bt, L, D) = (1, 50, 1536)") and "shipped" in out
+    assert "warm caches (inputs partly in the last-level cache)" in out
+
+
+def test_cache_flush_covers_twice_the_last_level_cache():
+    """The chain benchmark's flush: sysfs sizes parsed, and a buffer of twice the largest cache (64 MB where sysfs
+    says nothing), read and written on each call."""
+    assert measure.cache_size_bytes("36608K\n") == 36608 * 1024
+    assert measure.cache_size_bytes("2M") == 2 << 20 and measure.cache_size_bytes("512") == 512
+    llc = measure.last_level_cache_bytes()
+    flush = measure.CacheFlush()
+    assert flush.nbytes == 2 * (llc or 32 << 20)
+    small = measure.CacheFlush(nbytes=4096)
+    small()
+    small()
+    assert small._buf.shape == (1024,) and bool((small._buf == 2).all())
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

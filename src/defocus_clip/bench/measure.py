@@ -201,3 +201,39 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def cache_size_bytes(text: str) -> int:
+    """A Linux sysfs cache size ("36608K", "2M", "512") in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache of cpu0 (Linux sysfs), or None where unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            sizes.append(cache_size_bytes(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else None
+
+
+class CacheFlush:
+    """Reads and writes a buffer twice the size of the last-level cache (64 MB where unknown), so that the next timed
+    call finds its inputs in memory, not in cache. Why: in a training step 23 other layers' traffic lies between a
+    layer's forward and its backward, so a kernel reads its inputs from memory there; timed back to back on the same
+    inputs, a kernel finds part of them in the last-level cache (35.8 MB on the Xeons of docs/benchmarks.md, about a
+    layer's inputs), and variants that change memory traffic (prefetching, saving more for the backward) read better
+    than they are in the tower."""
+
+    def __init__(self, nbytes: int | None = None):
+        import torch
+
+        self.nbytes = nbytes or 2 * (last_level_cache_bytes() or 32 << 20)
+        self._buf = torch.zeros(self.nbytes // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self._buf.add_(1.0)

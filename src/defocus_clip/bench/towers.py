@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from .measure import (
+    CacheFlush,
     add_ratios,
     keep_freed_memory,
     machine_info,
@@ -570,11 +571,13 @@ def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
 
 
 def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads: int | None = None,
-                compare_source: str | None = None, ablate: tuple[str, ...] = (), keep_memory: bool = True) -> dict:
+                compare_source: str | None = None, ablate: tuple[str, ...] = (), keep_memory: bool = True,
+                cold: bool = True) -> dict:
     """The fused CPU kernels of one De-focus Mamba mixer alone, at one B/32 layer's shapes: the causal conv forward,
     the chain's forward (dt_proj to gate), its backward, the conv's backward; each kernel build in turn per call
     (`compare_source`, `ablate` as `bench_layer`), median ms per op. Why: the chain's cost by part without the matmuls
-    and autograd around it, and kernel variants compared within seconds. `keep_memory`: `keep_freed_memory()` first."""
+    and autograd around it, and kernel variants compared within seconds. `keep_memory`: `keep_freed_memory()` first.
+    `cold`: flush the caches before every timed call (`CacheFlush`), as a tower step's layers find them."""
     import torch
 
     from ..layers import scan_cpu
@@ -605,9 +608,12 @@ def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads
 
     calls_by_kernel = {name: ops(mod) for name, mod in kernels.items()}
     times = {name: {op: [] for op in CHAIN_OPS} for name in kernels}
+    flush = CacheFlush() if cold else None
     for _ in range(calls):
         for name, fns in calls_by_kernel.items():
             for op in CHAIN_OPS:
+                if flush:
+                    flush()
                 start = time.perf_counter()
                 fns[op]()
                 times[name][op].append(time.perf_counter() - start)
@@ -617,13 +623,16 @@ def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads
         row["total"] = round(sum(row[op] for op in CHAIN_OPS), 2)
     return {"batch_size": batch_size, "tokens": tokens, "d_inner": d, "calls": calls,
             "threads": torch.get_num_threads(), "kept_freed_memory": kept, "compare_source": compare_source,
+            "cold_caches_mb": round(flush.nbytes / 2**20) if flush else 0,
             "ablate": list(ablate), "machine": machine_info(), "rows": rows}
 
 
 def format_chain(result: dict) -> str:
     lines = [f"fused mixer kernels alone: (Bt, L, D) = ({result['batch_size']}, {result['tokens']}, "
              f"{result['d_inner']}), fp32, {result['threads']} threads, median of {result['calls']} interleaved calls"
-             f"{'' if result['kept_freed_memory'] else ' (glibc may return memory: page faults add noise)'}",
+             f"{'' if result['kept_freed_memory'] else ' (glibc may return memory: page faults add noise)'}, "
+             + (f"caches flushed before each call ({result['cold_caches_mb']} MB)" if result.get("cold_caches_mb")
+                else "warm caches (inputs partly in the last-level cache)"),
              _machine_line(result["machine"]),
              f"  {'kernel':<28}" + "".join(f"{op + ' ms':>14}" for op in (*CHAIN_OPS, "total"))]
     for name, row in result["rows"].items():
@@ -986,6 +995,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the selective scan core alone: ticks per state vector and token, forward and backward")
     p.add_argument("--chain", action="store_true",
                    help="the fused mixer kernels alone (conv, chain; forward, backward) at one layer's shapes")
+    p.add_argument("--warm-caches", action="store_true",
+                   help="--chain: do not flush the caches before each call (inputs then partly stay in the last-level "
+                        "cache, unlike in a tower step)")
     p.add_argument("--gemms", action="store_true",
                    help="step time and matrix products by shape of all --models, steps alternating in one process")
     p.add_argument("--drop-path", type=float, default=None, metavar="RATE",
@@ -1059,7 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_scan_core(bench_scan_core(compare_source=a.compare_source)))
     elif a.chain:
         print(format_chain(bench_chain(a.batch_size, calls=max(a.steps, 1), threads=a.threads,
-                                       compare_source=a.compare_source, ablate=tuple(a.ablate))))
+                                       compare_source=a.compare_source, ablate=tuple(a.ablate),
+                                       cold=not a.warm_caches)))
     elif a.layer:
         print(format_layer(bench_layer(a.batch_size, steps=max(a.steps, 1), warmup=a.warmup, threads=a.threads,
                                        compare_source=a.compare_source, ablate=tuple(a.ablate))))
