@@ -102,11 +102,13 @@ def test_goal_line_reports_the_interval_and_verdict():
 
 
 @pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
-def test_interleaved_tower_bench_pairs_steps_and_compares_a_kernel(capsys):
+def test_interleaved_tower_bench_pairs_steps_and_compares_a_kernel(capsys, monkeypatch):
     """All towers in one process: every model gets its steps and paired ratios; the other kernel's run restores the
-    shipped kernel and the fused RMSNorm afterwards."""
+    shipped kernel and the fused RMSNorm afterwards; glibc is told to keep freed memory first, as the trainer does."""
     from defocus_clip.towers.mamba import RMSNormFp32
 
+    asked = []  # stands in for the process-wide mallopt, which would stay set in this test process
+    monkeypatch.setattr(towers, "keep_freed_memory", lambda: asked.append(True) or True)
     shipped, norm = scan_cpu._module(), RMSNormFp32.forward
     result = towers.bench_interleaved(["DeFocus-Mamba-Tiny-8"], batch_size=1, image_size=64, steps=2, warmup=0,
                                       threads=1, compare_source=str(scan_cpu._SOURCE))
@@ -115,7 +117,9 @@ def test_interleaved_tower_bench_pairs_steps_and_compares_a_kernel(capsys):
     assert rows["clip:ViT-B-32"]["speed_ratio"] == 1.0
     assert all(len(r["step_times_s"]) == 2 and r["img_s"] > 0 for r in rows.values())
     assert scan_cpu._module() is shipped and RMSNormFp32.forward is norm
-    assert "vs ViT (paired)" in towers.format_interleaved(result)
+    assert asked == [True] and result["kept_freed_memory"] is True
+    text = towers.format_interleaved(result)
+    assert "vs ViT (paired)" in text and "glibc keeps freed memory (as the trainer)" in text
     lo, hi, level = rows["clip:DeFocus-Mamba-Tiny-8"]["speed_ratio_interval"]
     assert lo <= rows["clip:DeFocus-Mamba-Tiny-8"]["speed_ratio"] <= hi and level == 0.5  # 2 steps: [min, max]
 
@@ -202,6 +206,58 @@ def test_gemm_bench_alternates_towers_and_accounts_their_matrix_products():
     assert "clip:DeFocus-Mamba-Tiny-8: step" in text and text.count("matrix products by shape") == 2
 
 
+def test_breakdown_splits_each_step_into_module_self_times_and_backward_nodes():
+    from defocus_clip.bench.breakdown import bench_breakdown, format_breakdown
+
+    result = bench_breakdown(["ViT-B-32", "DeFocus-Mamba-Tiny-8"], batch_size=1, image_size=64, steps=2, warmup=1,
+                             threads=1, keep_memory=False)  # leave this test process's malloc settings alone
+    rows = result["models"]
+    assert list(rows) == ["clip:ViT-B-32", "clip:DeFocus-Mamba-Tiny-8"]
+    for r in rows.values():
+        assert r["step_s"] == pytest.approx(r["forward_s"] + r["backward_s"])
+        forward = sum(s for s, _ in r["forward"].values())
+        backward = sum(s for s, _ in r["backward"].values())
+        assert 0 < forward <= r["forward_s"] and 0 < backward <= r["backward_s"]  # self times: nothing twice
+    vit, mamba = rows["clip:ViT-B-32"], rows["clip:DeFocus-Mamba-Tiny-8"]
+    assert vit["forward"]["Linear 768->3072"][1] == 12  # fc1 of the 12 blocks, per step
+    tiny = towers.build_tower("clip:DeFocus-Mamba-Tiny-8", 64)
+    depth = sum(type(m).__name__ == "DefocusMambaMixer" for m in tiny.modules())
+    assert depth > 1 and mamba["forward"]["DefocusMambaMixer"][1] == depth
+    # the gradient a node receives tells the linears apart: ViT's fc2 backward gets (tokens, 768)
+    assert any(k.startswith("AddmmBackward0 [") for k in vit["backward"])
+    # a parameter's AccumulateGrad node outlives the step: hooked once, it runs once per parameter and step
+    n_params = sum(1 for p in tiny.parameters() if p.requires_grad)
+    assert mamba["backward"]["torch::autograd::AccumulateGrad"][1] == n_params
+    text = format_breakdown(result)
+    assert text.count("outside every hook") == 2 and "backward: autograd node" in text
+    assert result["kept_freed_memory"] is False and "glibc's default allocator" in text
+
+
+def test_breakdown_cli_prints_the_tables(capsys):
+    towers.main(["--breakdown", "--models", "DeFocus-Mamba-Tiny-8", "--batch-size", "1", "--image-size", "64",
+                 "--steps", "1", "--warmup", "0", "--threads", "1", "--default-malloc"])
+    out = capsys.readouterr().out
+    assert "clip:DeFocus-Mamba-Tiny-8: step" in out and "forward: module self time" in out
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tower_worker_keeps_freed_memory_as_the_trainer_unless_told_not_to(monkeypatch):
+    """`make bench`'s towers: each worker process sets glibc as the trainer does and says so; --default-malloc is
+    passed on to the workers."""
+    row = towers._run_worker("clip:DeFocus-Mamba-Tiny-8", 1, 64, 1, 0, 1)
+    assert row["kept_freed_memory"] is True and row["img_s"] > 0
+    seen = []
+    monkeypatch.setattr(towers, "run_worker", lambda module, args, what: seen.append(args) or row)
+    towers._run_worker("clip:ViT-B-32", 1, 64, 1, 0, 1, keep_memory=False)
+    towers._run_worker("clip:ViT-B-32", 1, 64, 1, 0, 1)
+    assert "--default-malloc" in seen[0] and "--default-malloc" not in seen[1]
+    result = {"batch_size": 1, "image_size": 64, "threads": 1, "scan_impl": "cpp", "repeats": 1, "steps": 1,
+              "kept_freed_memory": False, "machine": measure.machine_info() | {"loadavg_end": None},
+              "baseline": towers.BASELINE, "goal": {"model": towers.GOAL_MODEL, "ratio": towers.GOAL_RATIO},
+              "models": {}}
+    assert "glibc's default allocator" in towers.format_towers(result).splitlines()[0]
+
+
 @pytest.mark.skipif(not scan_cpu.available(), reason="fused CPU scan kernel not built here (no compiler?)")
 def test_chain_bench_times_each_kernel_op_per_build(fake_ablated_builds):
     """`--chain`: the mixer's fused kernels alone, per op and per kernel build (another source, ablated builds)."""
@@ -245,7 +301,7 @@ def test_cache_flush_covers_twice_the_last_level_cache():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc():
     """Run in a child process: the setting is process-wide."""
-    code = "from defocus_clip.bench.measure import keep_freed_memory; print(keep_freed_memory())"
+    code = "from defocus_clip.train.host import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "True"
 

@@ -112,8 +112,9 @@ def test_deepspeed_config_from_recipe():
 def test_clip_step_benchmark_runs_and_compares(monkeypatch):
     from defocus_clip.bench import clip_step
 
-    row = clip_step.measure("DeFocus-Mamba-Tiny-8", batch_size=2, steps=1, warmup=0, threads=1)
-    assert row["aux_loss"] and row["img_s"] > 0 and row["image_size"] == 64
+    row = clip_step.measure("DeFocus-Mamba-Tiny-8", batch_size=2, steps=1, warmup=0, threads=1,
+                            keep_memory=False)  # leave this test process's malloc settings alone
+    assert row["aux_loss"] and row["img_s"] > 0 and row["image_size"] == 64 and row["kept_freed_memory"] is False
     monkeypatch.setattr(clip_step, "_run_worker", lambda m, *a: {**row, "model": m,
                                                                 "img_s": 2.0 if m == "ViT-B-32" else 1.0})
     res = clip_step.bench_clip_step(batch_size=2, steps=1, warmup=0, repeats=1, models=["X", "ViT-B-32"])

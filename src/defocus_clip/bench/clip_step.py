@@ -22,16 +22,19 @@ BASELINE = "ViT-B-32"
 
 
 def measure(model_name: str, batch_size: int, steps: int, warmup: int, threads: int | None,
-            aux_weight: float | None = None) -> dict:
-    """One model in this process: median training-step time, images/s, peak step memory."""
+            aux_weight: float | None = None, keep_memory: bool = True) -> dict:
+    """One model in this process: median training-step time, images/s, peak step memory; with `keep_memory` glibc
+    keeps freed memory, as in the trainer's CPU runs."""
     import open_clip
     import torch
 
     import defocus_clip  # noqa: F401
 
     from ..train.engine import param_groups
+    from ..train.host import keep_freed_memory
     from ..train.task import ClipTask, supports_pooled
 
+    kept = keep_freed_memory() if keep_memory else False
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -53,7 +56,8 @@ def measure(model_name: str, batch_size: int, steps: int, warmup: int, threads: 
         opt.zero_grad(set_to_none=True)
 
     return {"model": model_name, "params_m": round(sum(p.numel() for p in task.parameters()) / 1e6, 2),
-            "image_size": size, "aux_loss": aux_weight > 0, **time_steps(step, batch_size, steps, warmup)}
+            "image_size": size, "aux_loss": aux_weight > 0, "kept_freed_memory": kept,
+            **time_steps(step, batch_size, steps, warmup)}
 
 
 def _run_worker(model: str, batch_size: int, steps: int, warmup: int, threads: int | None) -> dict:

@@ -64,10 +64,10 @@ def time_steps(step: Callable[[], None], batch_size: int, steps: int, warmup: in
     page faults of each timed step (a step that still grows the heap faults in ~1 GB of pages: too few warm-up steps).
 
     The objects alive before the steps (imports, model) are frozen out of the cyclic garbage collector during the
-    steps, as the trainer does (`train.loop.gc_frozen`): its full passes are noise of the process, not of the model."""
+    steps, as the trainer does (`train.host.gc_frozen`): its full passes are noise of the process, not of the model."""
     import torch
 
-    from ..train.loop import gc_frozen
+    from ..train.host import gc_frozen
 
     base = rss_mb()
     exact = reset_peak() and base is not None
@@ -93,7 +93,7 @@ def time_interleaved(step: Callable[[str], None], names: list[str], steps: int, 
     """Seconds per call of `step(name)` for every name, in this process, one call of each in turn with a rotating
     order (A B C, B C A, ...), so that load changes hit all alike; `warmup` untimed rounds first; the cyclic garbage
     collector frozen as in `time_steps`."""
-    from ..train.loop import gc_frozen
+    from ..train.host import gc_frozen
 
     times: dict[str, list[float]] = {n: [] for n in names}
     with gc_frozen():
@@ -183,24 +183,6 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc to keep freed memory in this process (mallopt: blocks up to 32 MB from the heap, none trimmed).
-    Why: each call of a kernel allocates its (Bt, L, D) outputs; when glibc hands such a block back to the OS, the next
-    call faults in its ~2,400 pages again (1.2 us each: 3-10 ms on a 9 ms call, at random). False where it does not
-    apply (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def cache_size_bytes(text: str) -> int:

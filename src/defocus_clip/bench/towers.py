@@ -12,6 +12,7 @@ set with the model and the batch in memory, i.e. activations + gradients + works
     python -m defocus_clip.bench.towers [--models ViT-B-32 DeFocus-Mamba-B-32] [--batch-size 8]
     python -m defocus_clip.bench.towers --profile DeFocus-Mamba-B-32 --batch-size 8   # per-op table
     python -m defocus_clip.bench.towers --gemms --steps 4                              # GEMMs by shape, paired
+    python -m defocus_clip.bench.towers --breakdown --steps 4                          # step split, no profiler
     python -m defocus_clip.bench.towers --layer --batch-size 32 --threads 1           # one layer vs one ViT block
     python -m defocus_clip.bench.towers --chain --steps 25 --ablate scan chain        # the mixer kernels alone
     python -m defocus_clip.bench.towers --scan-cycles                                  # the scan core alone
@@ -37,10 +38,10 @@ import statistics
 import time
 from pathlib import Path
 
+from ..train.host import keep_freed_memory
 from .measure import (
     CacheFlush,
     add_ratios,
-    keep_freed_memory,
     machine_info,
     median_interval,
     run_worker,
@@ -116,12 +117,15 @@ def train_step(tower, images) -> None:
     tower.zero_grad(set_to_none=True)
 
 
-def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
-    """One model in this process: median forward+backward step time, images/s and peak step memory."""
+def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None,
+            keep_memory: bool = True) -> dict:
+    """One model in this process: median forward+backward step time, images/s and peak step memory; with
+    `keep_memory`, glibc keeps freed memory, as the trainer's CPU runs (`train.host.keep_freed_memory`)."""
     import torch
 
     from ..layers.scan import resolve_scan_impl
 
+    kept = keep_freed_memory() if keep_memory else False
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -130,18 +134,21 @@ def measure(spec: str, batch_size: int, image_size: int, steps: int, warmup: int
     params = sum(p.numel() for p in tower.parameters())
 
     return {"model": spec, "params_m": round(params / 1e6, 2), "scan_impl": resolve_scan_impl("cpu"),
-            **time_steps(lambda: train_step(tower, images), batch_size, steps, warmup)}
+            "kept_freed_memory": kept, **time_steps(lambda: train_step(tower, images), batch_size, steps, warmup)}
 
 
-def _run_worker(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None) -> dict:
+def _run_worker(spec: str, batch_size: int, image_size: int, steps: int, warmup: int, threads: int | None,
+                keep_memory: bool = True) -> dict:
     args = ["--worker", spec, "--batch-size", str(batch_size), "--image-size", str(image_size), "--steps", str(steps),
             "--warmup", str(warmup)] + (["--threads", str(threads)] if threads else [])
-    return run_worker("defocus_clip.bench.towers", args, spec)
+    return run_worker("defocus_clip.bench.towers", args + ([] if keep_memory else ["--default-malloc"]), spec)
 
 
 def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, warmup: int = 2, repeats: int = 3,
-                 models: list[str] | None = None, threads: int | None = None) -> dict:
-    """Interleaved repeats of `measure` in fresh processes; medians and ratios against ViT-B-32."""
+                 models: list[str] | None = None, threads: int | None = None, keep_memory: bool = True) -> dict:
+    """Interleaved repeats of `measure` in fresh processes; medians and ratios against ViT-B-32. `keep_memory`
+    (default, as the trainer): every process tells glibc to keep freed memory; False measures glibc's defaults, under
+    which a step may fault its activations in again (ViT-B-32: 15k-190k pages per step, session 14)."""
     from ..layers import scan_cpu
 
     specs = [resolve_spec(m) for m in models] if models else default_models()
@@ -153,15 +160,15 @@ def bench_towers(batch_size: int = 32, image_size: int = 224, steps: int = 3, wa
     for r in range(repeats):
         order = specs[r % len(specs):] + specs[: r % len(specs)]  # rotate: no model always runs first
         for spec in order:
-            runs[spec].append(_run_worker(spec, batch_size, image_size, steps, warmup, threads))
+            runs[spec].append(_run_worker(spec, batch_size, image_size, steps, warmup, threads, keep_memory))
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     rows = {spec: {"params_m": rs[0]["params_m"], **summarise(rs)} for spec, rs in runs.items()}
     base = rows[BASELINE]
     add_ratios(list(rows.values()), base)
     return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "warmup": warmup, "repeats": repeats,
             "threads": runs[BASELINE][0]["threads"], "scan_impl": runs[BASELINE][0]["scan_impl"],
-            "machine": machine, "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO},
-            "models": rows}
+            "kept_freed_memory": runs[BASELINE][0].get("kept_freed_memory", False), "machine": machine,
+            "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO}, "models": rows}
 
 
 def _machine_line(m: dict) -> str:
@@ -169,11 +176,18 @@ def _machine_line(m: dict) -> str:
             f"load average {m['loadavg']}")
 
 
+def malloc_words(kept: bool) -> str:
+    """How the measured processes allocated, for the header lines."""
+    return ("glibc keeps freed memory (as the trainer)" if kept
+            else "glibc's default allocator (steps may fault their memory in again)")
+
+
 def format_towers(result: dict) -> str:
     m = result["machine"]
     lines = [f"towers: batch {result['batch_size']}, {result['image_size']} px, fp32 forward+backward, "
              f"{result['threads']} threads, scan={result['scan_impl']}, {result['repeats']} interleaved repeats x "
-             f"{result['steps']} steps (medians; speed vs ViT: median of the per-repeat ratios, range in brackets)",
+             f"{result['steps']} steps (medians; speed vs ViT: median of the per-repeat ratios, range in brackets), "
+             f"{malloc_words(result.get('kept_freed_memory', False))}",
              f"{_machine_line(m)} -> {m['loadavg_end']}",
              f"  {'model':<40} {'params M':>8} {'img/s':>8} {'vs ViT':>7} {'(range)':>13} {'step MB':>8} {'vs ViT':>7}"]
     for spec, r in result["models"].items():
@@ -229,16 +243,18 @@ def other_kernels(compare_source: str | None = None, ablate: tuple[str, ...] = (
 
 def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, image_size: int = 224, steps: int = 8,
                       warmup: int = 2, threads: int | None = None, compare_source: str | None = None,
-                      ablate: tuple[str, ...] = ()) -> dict:
+                      ablate: tuple[str, ...] = (), keep_memory: bool = True) -> dict:
     """Speed only, all towers in this process, one step of each in turn (rotating order), so that every ratio pairs
     steps taken within seconds of each other: on a shared machine whose speed swings by +-20% within minutes, the
     per-process method pairs runs minutes apart. `compare_source`: also time the De-focus Mamba tower with the fused
     kernel built from another C++ source (e.g. the previous version; with the eager RMSNorm if it has none);
-    `ablate`: also time it with those parts of the chain left out (`ABLATIONS`)."""
+    `ablate`: also time it with those parts of the chain left out (`ABLATIONS`); `keep_memory`: glibc keeps freed
+    memory, as in the trainer's CPU runs."""
     import torch
 
     from ..layers.scan import resolve_scan_impl
 
+    kept = keep_freed_memory() if keep_memory else False
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -269,14 +285,15 @@ def bench_interleaved(models: list[str] | None = None, batch_size: int = 32, ima
                    "step_times_s": [round(t, 3) for t in ts]}
     return {"batch_size": batch_size, "image_size": image_size, "steps": steps, "threads": torch.get_num_threads(),
             "scan_impl": resolve_scan_impl("cpu"), "compare_source": compare_source, "ablate": list(ablate),
-            "machine": machine_info(), "baseline": BASELINE, "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO},
-            "models": rows}
+            "kept_freed_memory": kept, "machine": machine_info(), "baseline": BASELINE,
+            "goal": {"model": GOAL_MODEL, "ratio": GOAL_RATIO}, "models": rows}
 
 
 def format_interleaved(result: dict) -> str:
     m = result["machine"]
     lines = [f"towers in one process, steps interleaved: batch {result['batch_size']}, {result['image_size']} px, fp32 "
-             f"forward+backward, {result['threads']} threads, scan={result['scan_impl']}, {result['steps']} steps each",
+             f"forward+backward, {result['threads']} threads, scan={result['scan_impl']}, {result['steps']} steps "
+             f"each, {malloc_words(result.get('kept_freed_memory', False))}",
              _machine_line(m),
              f"  {'model':<50} {'img/s':>7} {'vs ViT (paired)':>16} {'(range)':>13} {'ratio of medians':>17}"]
     for name, r in result["models"].items():
@@ -1000,6 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
                         "cache, unlike in a tower step)")
     p.add_argument("--gemms", action="store_true",
                    help="step time and matrix products by shape of all --models, steps alternating in one process")
+    p.add_argument("--breakdown", action="store_true",
+                   help="where a step goes (module self times, backward nodes) of all --models, measured with hooks "
+                        "in unprofiled steps, alternating in one process")
     p.add_argument("--drop-path", type=float, default=None, metavar="RATE",
                    help="one De-focus tower (--models, default the goal model) training at this drop-path rate: the "
                         "dropped samples skipped vs timm's masked form vs rate 0, steps interleaved")
@@ -1031,6 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="towers, --interleaved, --breakdown: leave glibc's allocator at its defaults (the trainer "
+                        "and, by default, these benchmarks tell it to keep freed memory)")
     a = p.parse_args(argv)
     if a.compare_source and not Path(a.compare_source).is_file():
         p.error(f"--compare-source {a.compare_source}: no such C++ source file")
@@ -1056,7 +1079,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Triton's, and they cannot be compiled)")
     a.batch_size = a.batch_size or 32
     if a.worker:
-        print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads)))
+        print(json.dumps(measure(a.worker, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
+                                 not a.default_malloc)))
     elif a.drop_path is not None:
         if a.models and len(a.models) != 1:
             p.error("--drop-path measures one tower: give at most one --models")
@@ -1066,7 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
                                                a.image_size, a.steps, a.warmup, a.threads)))
     elif a.interleaved:
         print(format_interleaved(bench_interleaved(a.models, a.batch_size, a.image_size, a.steps, a.warmup, a.threads,
-                                                   a.compare_source, tuple(a.ablate))))
+                                                   a.compare_source, tuple(a.ablate), not a.default_malloc)))
     elif a.scan_cycles:
         print(format_scan_core(bench_scan_core(compare_source=a.compare_source)))
     elif a.chain:
@@ -1078,11 +1102,16 @@ def main(argv: list[str] | None = None) -> int:
                                        compare_source=a.compare_source, ablate=tuple(a.ablate))))
     elif a.profile:
         print(profile_tower(a.profile, a.batch_size, a.image_size, a.steps, threads=a.threads))
+    elif a.breakdown:
+        from .breakdown import bench_breakdown, format_breakdown
+
+        print(format_breakdown(bench_breakdown(a.models, a.batch_size, a.image_size, max(a.steps, 1), a.warmup,
+                                               a.threads, not a.default_malloc)))
     elif a.gemms:
         print(format_gemms(bench_gemms(a.models, a.batch_size, a.image_size, max(a.steps, 1), a.warmup, a.threads)))
     else:
         print(format_towers(bench_towers(a.batch_size, a.image_size, a.steps, a.warmup, a.repeats, a.models,
-                                         a.threads)))
+                                         a.threads, not a.default_malloc)))
     return 0
 
 

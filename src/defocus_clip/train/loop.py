@@ -8,8 +8,6 @@ so a resumed run continues exactly where the interrupted one would have gone.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
@@ -230,20 +228,6 @@ def train_loop(*, engine, cfg, data, dist_info: DistInfo, run_dir: Path, state: 
     if last_saved != state.step:
         save()
     return state
-
-
-@contextlib.contextmanager
-def gc_frozen():
-    """Everything alive when training starts (imports, model, engine) lives for the whole run: keep it out of the
-    cyclic garbage collector, whose full passes over ~10^6 such objects otherwise cost 1-2% of a CPU training step
-    (more with many small steps). Unfrozen afterwards, so that a later run in this process can free them. The
-    benchmarks time their steps the same way."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _all_sum(value: int, device: torch.device) -> int:

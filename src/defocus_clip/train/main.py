@@ -104,7 +104,8 @@ def train(recipe: str | None, *, overrides: list[str] = (), output: str | None =
     """Run (or resume) training; returns a summary (first/last loss, steps, evaluation results)."""
     from .data import build_train_data, demo_root
     from .engine import build_engine, init_distributed, micro_batch_size
-    from .loop import LoopState, MetricsLog, gc_frozen, train_loop
+    from .host import gc_frozen, keep_freed_memory
+    from .loop import LoopState, MetricsLog, train_loop
     from .task import ClipTask, supports_drop_path_schedule
 
     cfg = resolve_config(recipe, list(overrides), output, resume)
@@ -112,6 +113,8 @@ def train(recipe: str | None, *, overrides: list[str] = (), output: str | None =
         cfg.schedule.max_steps = max_steps
         cfg.validate()
     dist_info = init_distributed()  # stays up after return: DeepSpeed caches its groups (see shutdown())
+    if dist_info.device.type == "cpu" and keep_freed_memory():  # before the model: every allocation after it
+        log.info("CPU run: glibc keeps freed memory (mallopt), so that steps do not fault their activations in again")
     output = _broadcast(output or _default_output(cfg), dist_info)
     run_dir = Path(output)
     if resume is None and ckpt.latest_tag(run_dir / "checkpoints") is not None:
