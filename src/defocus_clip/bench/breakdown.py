@@ -54,14 +54,13 @@ class StepBreakdown:
         self.forward_s: dict[str, float] = defaultdict(float)
         self.backward_s: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self.steps: list[tuple[float, float, float]] = []  # (forward, backward, whole step) seconds
+        self.steps: list[tuple[float, float]] = []  # (forward, backward) seconds
         self._stack: list[list[float]] = []  # per open module call: [start, seconds of hooked children]
         self._started: dict = {}  # backward node -> when it started
         self._accumulators: set = set()  # AccumulateGrad nodes outlive a step: hooked once (held here)
-        self._handles = []
-        for module in tower.modules():
-            self._handles.append(module.register_forward_pre_hook(self._pre))
-            self._handles.append(module.register_forward_hook(self._post))
+        for module in tower.modules():  # for the tower's life: it is built for this measurement
+            module.register_forward_pre_hook(self._pre)
+            module.register_forward_hook(self._post)
 
     def _pre(self, module, args) -> None:
         self._stack.append([time.perf_counter(), 0.0])
@@ -108,7 +107,7 @@ class StepBreakdown:
         loss.backward()
         self.tower.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        self.steps.append((t1 - t0, t3 - t2, (t1 - t0) + (t3 - t2)))
+        self.steps.append((t1 - t0, t3 - t2))
 
     def reset(self) -> None:
         """Forget what was measured (after the warm-up steps)."""
@@ -117,24 +116,19 @@ class StepBreakdown:
         self.calls.clear()
         self.steps.clear()
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
     def totals(self) -> dict:
         """Per step, means over the measured steps: forward, backward, whole step and the two tables (rows: seconds,
         calls), so that the step minus the rows is exactly the time outside every hook."""
         n = len(self.steps)
         if not n:
             raise ValueError("no step measured")
-        fwd, bwd, whole = (statistics.fmean(s[i] for s in self.steps) for i in range(3))
+        fwd, bwd = (statistics.fmean(s[i] for s in self.steps) for i in range(2))
 
         def table(seconds: dict[str, float]) -> dict[str, list]:
             rows = {k: [s / n, self.calls[k] // n] for k, s in seconds.items()}
             return dict(sorted(rows.items(), key=lambda kv: -kv[1][0]))
 
-        return {"step_s": whole, "forward_s": fwd, "backward_s": bwd, "forward": table(self.forward_s),
+        return {"step_s": fwd + bwd, "forward_s": fwd, "backward_s": bwd, "forward": table(self.forward_s),
                 "backward": table(self.backward_s)}
 
 

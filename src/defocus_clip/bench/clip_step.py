@@ -60,31 +60,37 @@ def measure(model_name: str, batch_size: int, steps: int, warmup: int, threads: 
             **time_steps(step, batch_size, steps, warmup)}
 
 
-def _run_worker(model: str, batch_size: int, steps: int, warmup: int, threads: int | None) -> dict:
+def _run_worker(model: str, batch_size: int, steps: int, warmup: int, threads: int | None,
+                keep_memory: bool = True) -> dict:
     args = ["--worker", model, "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", str(warmup)]
-    return run_worker("defocus_clip.bench.clip_step", args + (["--threads", str(threads)] if threads else []),
-                      f"the CLIP step of {model}")
+    args += (["--threads", str(threads)] if threads else []) + ([] if keep_memory else ["--default-malloc"])
+    return run_worker("defocus_clip.bench.clip_step", args, f"the CLIP step of {model}")
 
 
 def bench_clip_step(batch_size: int = 32, steps: int = 3, warmup: int = 2, repeats: int = 3,
-                    models: list[str] | None = None, threads: int | None = None) -> dict:
-    """Median images/s and peak step memory of a CLIP training step per model, with ratios to ViT-B-32."""
+                    models: list[str] | None = None, threads: int | None = None, keep_memory: bool = True) -> dict:
+    """Median images/s and peak step memory of a CLIP training step per model, with ratios to ViT-B-32; every
+    process tells glibc to keep freed memory as the trainer does, unless `keep_memory` is False."""
     models = list(models or DEFAULT_MODELS)
     runs: dict[str, list[dict]] = {m: [] for m in models}
     for _ in range(repeats):
         for m in models:  # interleaved: drift in machine load hits every model alike
-            runs[m].append(_run_worker(m, batch_size, steps, warmup, threads))
+            runs[m].append(_run_worker(m, batch_size, steps, warmup, threads, keep_memory))
     rows = [{**{k: rs[0][k] for k in ("model", "params_m", "image_size", "aux_loss", "threads")}, **summarise(rs)}
             for rs in runs.values()]
     base = next((r for r in rows if r["model"] == BASELINE), None)
     add_ratios(rows, base)
+    kept = next(iter(runs.values()))[0].get("kept_freed_memory", False)
     return {"benchmark": "clip_step", "batch_size": batch_size, "steps": steps, "repeats": repeats,
-            "baseline": BASELINE if base else None, "machine": machine_info(), "rows": rows}
+            "kept_freed_memory": kept, "baseline": BASELINE if base else None, "machine": machine_info(), "rows": rows}
 
 
 def format_clip_step(result: dict) -> str:
+    from .towers import malloc_words
+
     lines = [f"CLIP training step, batch {result['batch_size']} (median of {result['repeats']} processes x "
-             f"{result['steps']} steps), CPU: {result['machine']['cpu']}",
+             f"{result['steps']} steps), CPU: {result['machine']['cpu']}, "
+             f"{malloc_words(result.get('kept_freed_memory', False))}",
              f"{'model':24s} {'params M':>9s} {'img/s':>8s} {'x ViT':>7s} {'peak MB':>9s} {'x ViT':>7s}  aux"]
     for r in result["rows"]:
         mem = f"{r['peak_step_mb']:9.0f}" if r["peak_step_mb"] is not None else f"{'-':>9s}"
@@ -104,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--models", nargs="+")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator at its defaults (the trainer's CPU runs and, by default, this "
+                        "benchmark tell it to keep freed memory)")
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(measure(a.worker, a.batch_size, a.steps, a.warmup, a.threads)))
+        print(json.dumps(measure(a.worker, a.batch_size, a.steps, a.warmup, a.threads,
+                                 keep_memory=not a.default_malloc)))
         return 0
-    print(format_clip_step(bench_clip_step(a.batch_size, a.steps, a.warmup, a.repeats, a.models, a.threads)))
+    print(format_clip_step(bench_clip_step(a.batch_size, a.steps, a.warmup, a.repeats, a.models, a.threads,
+                                           not a.default_malloc)))
     return 0
 
 
