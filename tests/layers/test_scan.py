@@ -185,11 +185,12 @@ def conv_reference(x, weight, bias):
 @pytest.mark.parametrize(
     "bt,length,d,k",
     [(2, 9, 8, 4), (2, 3, 13, 4), (1, 1, 5, 4), (3, 2, 16, 4), (2, 6, 21, 2), (2, 5, 600, 4), (2, 11, 37, 7),
-     (1, 4, 18, 7)],
+     (1, 4, 18, 7), (2, 21, 40, 4), (1, 30, 20, 12)],  # the last two: the backward's spans of 8 tokens, K > 9 too
 )
 def test_causal_conv_silu_matches_float64_conv1d(bt, length, d, k):
     """Outputs and gradients of x (read as the u half of a wider in_proj output), weight and bias; L < K included;
-    K = 4 (compiled for it) and other K; channel counts with vector tails and several threads' channel ranges."""
+    K = 4 (compiled for it) and other K; channel counts with vector tails and several threads' channel ranges; L over
+    several of the backward's token spans, with K - 1 longer than a span."""
     g = torch.Generator().manual_seed(7)
     xz = torch.randn(bt, length + 1, 2 * d, generator=g, requires_grad=True)  # u = xz[:, 1:, :d]: every stride odd
     w = (torch.randn(d, k, generator=g) * 0.7).requires_grad_()

@@ -515,17 +515,21 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
 // Parallel over blocks of kW channels: every thread owns its channels, so dw and dbias need no reduction. KC: K at
 // compile time (4: the Mamba models; the taps unroll), 0: any K up to kMaxConv.
 // The forward runs token-major (rows of the block are contiguous: the hardware prefetchers follow them). The backward
-// sweeps one column (kW channels of one image) from t = 0 to L - 1 with the last K inputs and gradients in registers:
-// g, dw, dbias and dx in one pass, where token-major passes through a (L, 256) buffer of g ran at 140 cycles per
-// vector (B/32 shapes, 1 thread: 9.5 -> 6.3 ms; column sweeps in the forward were slower than its rows).
+// sweeps columns (kW channels of one image) with the last K inputs and gradients in registers: g, dw, dbias and dx in
+// one pass, where token-major passes through a (L, 256) buffer of g ran at 140 cycles per vector (B/32 shapes,
+// 1 thread: 9.5 -> 6.3 ms; column sweeps in the forward were slower than its rows). It sweeps all columns over a span
+// of kConvSpan tokens, then all over the next span (the sweep's state carried in per-column buffers), not one column
+// over all L tokens: the rows of a column lie 6 or 12 KB apart, a multiple of 4 KB, so they all fall into one set of
+// the L1 cache, and one column's 50 rows of three arrays overflowed its 12 ways while each row's next line was only
+// read a whole sweep later; over 8 tokens the rows of all columns stream by (B/32 conv backward, 2 threads, cold
+// caches: 3.33 -> 1.71 ms; spans of 4, 6, 8, 10, 12, 16, 50 tokens: 1.82, 1.94, 1.71, 3.28, 2.74, 3.16, 3.10 ms).
 
 // FN<FIXED>(...) when value == FIXED (the size the Mamba models use, unrolled at compile time), else FN<0>(...) (any
 // size, at run time): the kernels' templates on N (states) and K (conv taps).
 #define DISPATCH_FIXED(value, FIXED, FN, ...) ((value) == (FIXED) ? FN<FIXED>(__VA_ARGS__) : FN<0>(__VA_ARGS__))
 
 constexpr int kMaxConv = 64;
-constexpr int64_t kConvAhead = 6;  // rows of software prefetch: the rows of a column are D or 2D floats apart, beyond
-                                   // the reach of the hardware prefetchers
+constexpr int64_t kConvSpan = 8;  // tokens per span of the backward's column sweeps (below)
 
 // pre_t of kW channels (T = vf) or one (T = float) at c; Full: all K taps exist (t >= K - 1), else only k >= K - 1 - t.
 template <int KC, bool Full, class T>
@@ -538,26 +542,27 @@ inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias
   return acc;
 }
 
-// Backward of one column: g_t = d loss / d pre_t; dbias += g_t, dw_k += g_t x_{t + k - (K - 1)}, and
-// dx_j = sum_k w_k g_{j + (K - 1) - k}, complete once g_{j + K - 1} is known (g_t = 0 for t >= L).
+// Backward of tokens [t0, t1) of one column (kW channels of one image, T = vf; or one, T = float), t1 <= L + K - 1:
+// g_t = d loss / d pre_t; dbias += g_t, dw_k += g_t x_{t + k - (K - 1)}, and dx_{t - (K - 1)} = sum_k w_k g_{t - k},
+// complete once g_t is known (g_t = 0 for t >= L). A sweep over one image continues from span to span: the last K - 1
+// gradients g_{t0 - 1}, ..., g_{t0 - K + 1} come in gw_mem (at stride gs) and go out there; dw and db are carried.
 template <int KC, class T>
-inline void conv_bwd_col(const float* x, int64_t sl, const float* dout, const float* wt, const float* bias, int64_t D,
-                         int Krt, int64_t L, int64_t c, float* dx, int64_t dxl, T* dw, T& db) {
+inline void conv_bwd_span(const float* x, int64_t sl, const float* dout, const float* wt, const float* bias, int64_t D,
+                          int Krt, int64_t L, int64_t t0, int64_t t1, int64_t c, float* dx, int64_t dxl, float* gw_mem,
+                          int64_t gs, T* dw, T& db) {
   const int K = KC > 0 ? KC : Krt;
   T w[KC > 0 ? KC : kMaxConv], xw[KC > 0 ? KC : kMaxConv], gw[KC > 0 ? KC : kMaxConv];  // gw[k] = g_{t - k}
   for (int k = 0; k < K; ++k) {
     w[k] = ld<T>(wt + k * D + c);
-    xw[k] = gw[k] = T{};  // xw[k] = x_{t + k - (K - 1)}
+    const int64_t j = t0 + k - K;  // xw[k] = x_{t + k - (K - 1)}: the window before the first step
+    xw[k] = k > 0 && j >= 0 && j < L ? ld<T>(x + j * sl + c) : T{};
+    gw[k] = k + 1 < K ? ld<T>(gw_mem + k * gs) : T{};  // before the step's shift: gw[k] = g_{t0 - 1 - k}
   }
   const T b = ld<T>(bias + c);
-  for (int64_t t = 0; t < L + K - 1; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     T g{};
+    for (int k = 0; k + 1 < K; ++k) xw[k] = xw[k + 1];
     if (t < L) {
-      if (t + kConvAhead < L) {
-        __builtin_prefetch(x + (t + kConvAhead) * sl + c);
-        __builtin_prefetch(dout + (t + kConvAhead) * D + c);
-      }
-      for (int k = 0; k + 1 < K; ++k) xw[k] = xw[k + 1];
       xw[K - 1] = ld<T>(x + t * sl + c);
       T pre = b;
       for (int k = 0; k < K; ++k) pre += w[k] * xw[k];
@@ -574,6 +579,7 @@ inline void conv_bwd_col(const float* x, int64_t sl, const float* dout, const fl
       st(dx + (t - (K - 1)) * dxl + c, acc);
     }
   }
+  for (int k = 0; k + 1 < K; ++k) st(gw_mem + k * gs, gw[k]);
 }
 
 void check_conv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias) {
@@ -633,15 +639,23 @@ void conv_bwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch:
   const float* pdo = dout.data_ptr<float>();
   float *pdx = dx.data_ptr<float>(), *pdw = dwt.data_ptr<float>(), *pdb = db.data_ptr<float>();
   at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = 0; b < Bt; ++b)
-      for_lanes(begin * kW, std::min(D, end * kW), [&](int64_t c, auto tag) {
-        using T = decltype(tag);
-        T dw[KC > 0 ? KC : kMaxConv], db = ld<T>(pdb + c);
-        for (int k = 0; k < K; ++k) dw[k] = ld<T>(pdw + k * D + c);
-        conv_bwd_col<KC, T>(px + b * sb, sl, pdo + b * L * D, pw, pb, D, K, L, c, pdx + b * dxb, dxl, dw, db);
-        for (int k = 0; k < K; ++k) st(pdw + k * D + c, dw[k]);
-        st(pdb + c, db);
-      });
+    const int64_t c0 = begin * kW, c1 = std::min(D, end * kW), gs = end * kW - c0;
+    fvec gwin(std::max(K - 1, 1) * gs);  // per column: the last K - 1 gradients of the sweep so far
+    for (int64_t b = 0; b < Bt; ++b) {
+      std::fill(gwin.begin(), gwin.end(), 0.f);
+      for (int64_t t0 = 0; t0 < L + K - 1; t0 += kConvSpan) {
+        const int64_t t1 = std::min(t0 + kConvSpan, L + K - 1);
+        for_lanes(c0, c1, [&](int64_t c, auto tag) {
+          using T = decltype(tag);
+          T dw[KC > 0 ? KC : kMaxConv], dbv = ld<T>(pdb + c);
+          for (int k = 0; k < K; ++k) dw[k] = ld<T>(pdw + k * D + c);
+          conv_bwd_span<KC, T>(px + b * sb, sl, pdo + b * L * D, pw, pb, D, K, L, t0, t1, c, pdx + b * dxb, dxl,
+                               gwin.data() + (c - c0), gs, dw, dbv);
+          for (int k = 0; k < K; ++k) st(pdw + k * D + c, dw[k]);
+          st(pdb + c, dbv);
+        });
+      }
+    }
   });
 }
 
