@@ -239,6 +239,30 @@ def test_kernels_write_gradients_into_given_halves():
 
 
 @needs_cpp
+@pytest.mark.parametrize("bt,length,d,p", [(2, 21, 40, 80), (1, 50, 1536, 80), (3, 5, 37, 7), (2, 9, 600, 1)])
+def test_conv_bwd_adds_a_linear_layers_input_gradient(bt, length, d, p):
+    """conv_bwd(..., lin_grad=g, lin_weight=w) treats dout + g @ w as the output's gradient (x_proj reads the conv's
+    output in the mixer; the kernel adds its gradient span by span): the same gradients as conv_bwd of that sum formed
+    in float64. Spans with token tails, D with vector tails (37, 40, 600 over two threads' ranges), the B/32 shape;
+    mismatched shapes are a clear error."""
+    mod = scan_cpu._module()
+    g = torch.Generator().manual_seed(12)
+    xz = torch.randn(bt, length, 2 * d, generator=g)
+    w, b = torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
+    dout = torch.randn(bt, length, d, generator=g)
+    lin_g, lin_w = torch.randn(bt, length, p, generator=g), torch.randn(p, d, generator=g) / p**0.5
+    total = (dout.double() + lin_g.double() @ lin_w.double()).float()
+    expected = mod.conv_bwd(xz[..., :d], w, b, total)
+    fused = mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g, lin_weight=lin_w)
+    for name, ours, theirs in zip(("x", "weight", "bias"), fused, expected):
+        assert rel_err(ours, theirs) < 1e-5, name
+    with pytest.raises(RuntimeError, match=r"lin_grad must be \(Bt, L, P\) and lin_weight \(P, D\)"):
+        mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g, lin_weight=lin_w[:, 1:].contiguous())
+    with pytest.raises(RuntimeError, match="takes lin_grad and lin_weight together"):
+        mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g)
+
+
+@needs_cpp
 @pytest.mark.parametrize("bt,length,d,rank,group", [(2, 7, 40, 5, 8), (3, 50, 96, 6, 12), (1, 3, 1000, 48, 0),
                                                      (2, 13, 64, 48, 64)])
 def test_chain_computes_dt_from_dt_proj(bt, length, d, rank, group):

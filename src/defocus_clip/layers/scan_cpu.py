@@ -201,8 +201,9 @@ def defocus_chain_cpp(
 class _MixerCoreFn(torch.autograd.Function):
     """The middle of a De-focus Mamba mixer as one autograd node: causal conv + SiLU, x_proj, dt_proj and the fused
     chain. Why one node: its backward writes the gradients of the u and z halves of the in_proj output straight into
-    one (Bt, L, 2D) buffer and adds x_proj's gradient of u into the chain's in place (`addmm_`), where a node per op
-    costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients of u per layer. The
+    one (Bt, L, 2D) buffer, and the conv backward adds x_proj's gradient of u to the chain's span by span in cache,
+    where a node per op costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients
+    of u (a pass over two (Bt, L, D) tensors; an in-place `addmm_` still read and wrote one) per layer. The
     kernel computes dt_proj itself, per channel block from its rank-R input, in the forward and again in the
     backward: the (Bt, L, D) dt is neither written, read nor saved; nor is ddt: the kernel returns dt_proj's input,
     weight and bias gradients, formed per channel block from ddt while it is in cache."""
@@ -237,7 +238,7 @@ class _MixerCoreFn(torch.autograd.Function):
             u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:], yraw, dout.contiguous(), group_size,
             delta_scale, f, rope_scale, dxz[..., d:], *dtproj, **_saved_rstd(rstd),
         )
-        xdbl2, du2 = xdbl.view(-1, xdbl.shape[-1]), du.view(-1, d)
+        xdbl2 = xdbl.view(-1, xdbl.shape[-1])
         dxdbl = torch.empty_like(xdbl2)
         if d_lowrank and d_lowrank[0].numel():  # the kernel formed dt_proj's gradients from ddt (never written)
             dxdbl[:, :r] = d_lowrank[0].view(-1, r)
@@ -248,8 +249,12 @@ class _MixerCoreFn(torch.autograd.Function):
         dxdbl[:, r:r + n] = dB.view(-1, n)
         dxdbl[:, r + n:] = dC.view(-1, n)
         d_xproj_w = dxdbl.t() @ u.view(-1, d)
-        du2.addmm_(dxdbl, xproj_w)  # the chain's du + x_proj's, in place
-        _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])
+        if _kernel_has(7, mod):  # the conv backward adds x_proj's gradient of u to the chain's, span by span
+            _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d],
+                                               lin_grad=dxdbl.view(xdbl.shape), lin_weight=xproj_w.contiguous())
+        else:  # builds of older sources (--compare-source): the chain's du + x_proj's, in place
+            du.view(-1, d).addmm_(dxdbl, xproj_w)
+            _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])
         return (dxz, dconv_w, dconv_b, d_xproj_w, d_dtproj_w, ddt_sum, dA, dD, dfreq if ctx.has_freq else None,
                 None, None, None)
 

@@ -510,6 +510,64 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
   return {du, ddelta, dA, dB, dC};
 }
 
+// ---- small matrix products: dt_proj inside the chain, x_proj's input gradient inside the conv backward ----
+
+// c[i, v] = init[i * is + v] + sum_k a[i * as + k * ak] b[k * bs + v] for MM rows i and NV vectors v of columns, k <
+// K (init may be c itself, or one row for all with is = 0): the small products of dt_proj inside the chain and of
+// x_proj's input gradient inside the conv backward, with MM x NV accumulators in registers and one vector load of b
+// per MM x NV FMAs.
+template <int MM, int NV>
+inline void gemm_tile(const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K, const float* init,
+                      int64_t is, float* c, int64_t cs) {
+  vf acc[MM][NV];
+  for (int i = 0; i < MM; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vld<vf>(init + i * is + v * kW);
+  for (int64_t k = 0; k < K; ++k) {
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vld<vf>(b + k * bs + v * kW);
+    for (int i = 0; i < MM; ++i) {
+      const float ai = a[i * as + k * ak];
+      for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;
+    }
+  }
+  for (int i = 0; i < MM; ++i)
+    for (int v = 0; v < NV; ++v) vst(c + i * cs + v * kW, acc[i][v]);
+}
+
+// gemm_tile<R, NV> for R = rows < MM rows, R known at compile time (the row tail of small_gemm).
+template <int MM, int NV, int R = MM - 1>
+inline void row_tail(int64_t rows, const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K,
+                     const float* init, int64_t is, float* c, int64_t cs) {
+  if constexpr (R >= 1) {
+    if (rows == R) return gemm_tile<R, NV>(a, as, ak, b, bs, K, init, is, c, cs);
+    row_tail<MM, NV, R - 1>(rows, a, as, ak, b, bs, K, init, is, c, cs);
+  }
+}
+
+// c = init + a b for M rows and nv vectors of columns (strides as gemm_tile), in tiles of MM rows x NV vectors; the
+// row tail in one tile of its exact height, the vector tail one vector at a time. Vector tiles outer, row tiles inner:
+// a tile's K x NV panel of b then stays in L1 while all M rows pass (rows outer re-read b from L2 per row tile; dt_proj
+// in the chain, K = R = 48 rows of D + kW floats: 34 -> 44 flop per cycle, single thread); tails of exact height: a
+// one-row tile per tail row is bound by its loads (dx_lr, L = 50 rows in tiles of 8: 38 -> 44 flop per cycle).
+template <int MM, int NV>
+inline void small_gemm(const float* a, int64_t as, int64_t ak, int64_t M, const float* b, int64_t bs, int64_t K,
+                       int64_t nv, const float* init, int64_t is, float* c, int64_t cs) {
+  for (int64_t v = 0; v < nv; v += NV) {
+    const int64_t vecs = std::min<int64_t>(NV, nv - v);
+    for (int64_t i = 0; i < M; i += MM) {
+      const int64_t rows = std::min<int64_t>(MM, M - i);
+      const float *ai = a + i * as, *bv = b + v * kW, *ci0 = init + i * is + v * kW;
+      float* ci = c + i * cs + v * kW;
+      for (int64_t u = 0; u < vecs; u += vecs == NV ? NV : 1) {
+        if (vecs == NV && rows == MM) gemm_tile<MM, NV>(ai, as, ak, bv, bs, K, ci0, is, ci, cs);
+        else if (vecs == NV) row_tail<MM, NV>(rows, ai, as, ak, bv, bs, K, ci0, is, ci, cs);
+        else if (rows == MM) gemm_tile<MM, 1>(ai, as, ak, bv + u * kW, bs, K, ci0 + u * kW, is, ci + u * kW, cs);
+        else row_tail<MM, 1>(rows, ai, as, ak, bv + u * kW, bs, K, ci0 + u * kW, is, ci + u * kW, cs);
+      }
+    }
+  }
+}
+
 // ---- causal depthwise conv + bias + SiLU, (Bt, L, D) ----
 //   pre_t = bias + sum_k w_k x_{t + k - (K - 1)} (x_j = 0 for j < 0),  out_t = silu(pre_t)
 // Parallel over blocks of kW channels: every thread owns its channels, so dw and dbias need no reduction. KC: K at
@@ -546,10 +604,11 @@ inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias
 // g_t = d loss / d pre_t; dbias += g_t, dw_k += g_t x_{t + k - (K - 1)}, and dx_{t - (K - 1)} = sum_k w_k g_{t - k},
 // complete once g_t is known (g_t = 0 for t >= L). A sweep over one image continues from span to span: the last K - 1
 // gradients g_{t0 - 1}, ..., g_{t0 - K + 1} come in gw_mem (at stride gs) and go out there; dw and db are carried.
+// dout: d loss / d out, rows of stride dol.
 template <int KC, class T>
-inline void conv_bwd_span(const float* x, int64_t sl, const float* dout, const float* wt, const float* bias, int64_t D,
-                          int Krt, int64_t L, int64_t t0, int64_t t1, int64_t c, float* dx, int64_t dxl, float* gw_mem,
-                          int64_t gs, T* dw, T& db) {
+inline void conv_bwd_span(const float* x, int64_t sl, const float* dout, int64_t dol, const float* wt,
+                          const float* bias, int64_t D, int Krt, int64_t L, int64_t t0, int64_t t1, int64_t c, float* dx,
+                          int64_t dxl, float* gw_mem, int64_t gs, T* dw, T& db) {
   const int K = KC > 0 ? KC : Krt;
   T w[KC > 0 ? KC : kMaxConv], xw[KC > 0 ? KC : kMaxConv], gw[KC > 0 ? KC : kMaxConv];  // gw[k] = g_{t - k}
   for (int k = 0; k < K; ++k) {
@@ -567,7 +626,7 @@ inline void conv_bwd_span(const float* x, int64_t sl, const float* dout, const f
       T pre = b;
       for (int k = 0; k < K; ++k) pre += w[k] * xw[k];
       const T s = sigmoid_t(pre);
-      g = ld<T>(dout + t * D + c) * s * (pre * (1.f - s) + 1.f);
+      g = ld<T>(dout + t * dol + c) * s * (pre * (1.f - s) + 1.f);
       db += g;
       for (int k = 0; k < K; ++k) dw[k] += g * xw[k];
     }
@@ -629,27 +688,51 @@ torch::Tensor output_like(const c10::optional<torch::Tensor>& given, const torch
   return t;
 }
 
+// The gradient of a linear layer that also reads the conv's output (x_proj in the mixer), added to the conv's output
+// gradient span by span: dout + g wlin, g (Bt, L, P) contiguous, wlin (P, D) contiguous; g == nullptr: none.
+struct LinearGrad {
+  const float* g = nullptr;
+  const float* w = nullptr;
+  int64_t P = 0;
+};
+
 template <int KC>
 void conv_bwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias, const torch::Tensor& dout,
-                   torch::Tensor& dx, torch::Tensor& dwt, torch::Tensor& db) {
+                   const LinearGrad& lin, torch::Tensor& dx, torch::Tensor& dwt, torch::Tensor& db) {
   const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2), sb = x.stride(0), sl = x.stride(1);
   const int K = (int)wt.size(0);
-  const int64_t dxb = dx.stride(0), dxl = dx.stride(1);
+  const int64_t dxb = dx.stride(0), dxl = dx.stride(1), P = lin.P;
   const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
   const float* pdo = dout.data_ptr<float>();
   float *pdx = dx.data_ptr<float>(), *pdw = dwt.data_ptr<float>(), *pdb = db.data_ptr<float>();
   at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
     const int64_t c0 = begin * kW, c1 = std::min(D, end * kW), gs = end * kW - c0;
+    const int64_t full = (c1 - c0) / kW * kW;  // channels in whole vectors; the rest (the last range only) one by one
     fvec gwin(std::max(K - 1, 1) * gs);  // per column: the last K - 1 gradients of the sweep so far
+    fvec dsum(lin.g ? kConvSpan * gs : 0);  // with lin: the span's dout + g wlin, (kConvSpan, gs)
     for (int64_t b = 0; b < Bt; ++b) {
       std::fill(gwin.begin(), gwin.end(), 0.f);
       for (int64_t t0 = 0; t0 < L + K - 1; t0 += kConvSpan) {
-        const int64_t t1 = std::min(t0 + kConvSpan, L + K - 1);
+        const int64_t t1 = std::min(t0 + kConvSpan, L + K - 1), rows = std::min(t1, L) - t0;
+        const float* drows = pdo + b * L * D;  // row t of the gradient the sweep reads: drows + t * dol
+        int64_t dol = D;
+        if (lin.g && rows > 0) {
+          const float *gr = lin.g + (b * L + t0) * P, *dr = pdo + (b * L + t0) * D;
+          small_gemm<kConvSpan, 3>(gr, P, 1, rows, lin.w + c0, D, P, full / kW, dr + c0, D, dsum.data(), gs);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t c = c0 + full; c < c1; ++c) {
+              float acc = dr[i * D + c];
+              for (int64_t p = 0; p < P; ++p) acc += gr[i * P + p] * lin.w[p * D + c];
+              dsum[i * gs + (c - c0)] = acc;
+            }
+          drows = dsum.data() - t0 * gs - c0;
+          dol = gs;
+        }
         for_lanes(c0, c1, [&](int64_t c, auto tag) {
           using T = decltype(tag);
           T dw[KC > 0 ? KC : kMaxConv], dbv = ld<T>(pdb + c);
           for (int k = 0; k < K; ++k) dw[k] = ld<T>(pdw + k * D + c);
-          conv_bwd_span<KC, T>(px + b * sb, sl, pdo + b * L * D, pw, pb, D, K, L, t0, t1, c, pdx + b * dxb, dxl,
+          conv_bwd_span<KC, T>(px + b * sb, sl, drows, dol, pw, pb, D, K, L, t0, t1, c, pdx + b * dxb, dxl,
                                gwin.data() + (c - c0), gs, dw, dbv);
           for (int k = 0; k < K; ++k) st(pdw + k * D + c, dw[k]);
           st(pdb + c, dbv);
@@ -660,15 +743,26 @@ void conv_bwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch:
 }
 
 std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor dout,
-                                    c10::optional<torch::Tensor> dx_out) {
+                                    c10::optional<torch::Tensor> dx_out, c10::optional<torch::Tensor> lin_grad,
+                                    c10::optional<torch::Tensor> lin_weight) {
   check_conv(x, w, bias);
   check(dout, "dout", 3);
   TORCH_CHECK(dout.sizes() == x.sizes(), "conv dout must be (Bt, L, D) like x");
+  TORCH_CHECK(lin_grad.has_value() == lin_weight.has_value(), "conv_bwd takes lin_grad and lin_weight together");
+  LinearGrad lin;
+  if (lin_grad.has_value()) {
+    check(*lin_grad, "lin_grad", 3);
+    check(*lin_weight, "lin_weight", 2);
+    TORCH_CHECK(lin_grad->size(0) == x.size(0) && lin_grad->size(1) == x.size(1) &&
+                    lin_weight->size(0) == lin_grad->size(2) && lin_weight->size(1) == x.size(2),
+                "conv_bwd: lin_grad must be (Bt, L, P) and lin_weight (P, D) for x (Bt, L, D)");
+    lin = {lin_grad->data_ptr<float>(), lin_weight->data_ptr<float>(), lin_grad->size(2)};
+  }
   auto wt = w.t().contiguous();
   auto dx = output_like(dx_out, x, "conv dx");
   auto dwt = torch::zeros({w.size(1), w.size(0)}, x.options());
   auto db = torch::zeros({w.size(0)}, x.options());
-  DISPATCH_FIXED(w.size(1), 4, conv_bwd_impl, x, wt, bias, dout, dx, dwt, db);
+  DISPATCH_FIXED(w.size(1), 4, conv_bwd_impl, x, wt, bias, dout, lin, dx, dwt, db);
   return {dx, dwt.t().contiguous(), db};
 }
 
@@ -1001,61 +1095,6 @@ DtSource dt_source(const torch::Tensor& dt, const torch::Tensor& w, const torch:
     src.bias[c] = pb[c];
   }
   return src;
-}
-
-// c[i, v] = init[i * is + v] + sum_k a[i * as + k * ak] b[k * bs + v] for MM rows i and NV vectors v of columns, k <
-// K (init may be c itself, or one row for all with is = 0): the small products of dt_proj inside the chain, with
-// MM x NV accumulators in registers and one vector load of b per MM x NV FMAs.
-template <int MM, int NV>
-inline void gemm_tile(const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K, const float* init,
-                      int64_t is, float* c, int64_t cs) {
-  vf acc[MM][NV];
-  for (int i = 0; i < MM; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = vld<vf>(init + i * is + v * kW);
-  for (int64_t k = 0; k < K; ++k) {
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vld<vf>(b + k * bs + v * kW);
-    for (int i = 0; i < MM; ++i) {
-      const float ai = a[i * as + k * ak];
-      for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;
-    }
-  }
-  for (int i = 0; i < MM; ++i)
-    for (int v = 0; v < NV; ++v) vst(c + i * cs + v * kW, acc[i][v]);
-}
-
-// gemm_tile<R, NV> for R = rows < MM rows, R known at compile time (the row tail of small_gemm).
-template <int MM, int NV, int R = MM - 1>
-inline void row_tail(int64_t rows, const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K,
-                     const float* init, int64_t is, float* c, int64_t cs) {
-  if constexpr (R >= 1) {
-    if (rows == R) return gemm_tile<R, NV>(a, as, ak, b, bs, K, init, is, c, cs);
-    row_tail<MM, NV, R - 1>(rows, a, as, ak, b, bs, K, init, is, c, cs);
-  }
-}
-
-// c = init + a b for M rows and nv vectors of columns (strides as gemm_tile), in tiles of MM rows x NV vectors; the
-// row tail in one tile of its exact height, the vector tail one vector at a time. Vector tiles outer, row tiles inner:
-// a tile's K x NV panel of b then stays in L1 while all M rows pass (rows outer re-read b from L2 per row tile; dt_proj
-// in the chain, K = R = 48 rows of D + kW floats: 34 -> 44 flop per cycle, single thread); tails of exact height: a
-// one-row tile per tail row is bound by its loads (dx_lr, L = 50 rows in tiles of 8: 38 -> 44 flop per cycle).
-template <int MM, int NV>
-inline void small_gemm(const float* a, int64_t as, int64_t ak, int64_t M, const float* b, int64_t bs, int64_t K,
-                       int64_t nv, const float* init, int64_t is, float* c, int64_t cs) {
-  for (int64_t v = 0; v < nv; v += NV) {
-    const int64_t vecs = std::min<int64_t>(NV, nv - v);
-    for (int64_t i = 0; i < M; i += MM) {
-      const int64_t rows = std::min<int64_t>(MM, M - i);
-      const float *ai = a + i * as, *bv = b + v * kW, *ci0 = init + i * is + v * kW;
-      float* ci = c + i * cs + v * kW;
-      for (int64_t u = 0; u < vecs; u += vecs == NV ? NV : 1) {
-        if (vecs == NV && rows == MM) gemm_tile<MM, NV>(ai, as, ak, bv, bs, K, ci0, is, ci, cs);
-        else if (vecs == NV) row_tail<MM, NV>(rows, ai, as, ak, bv, bs, K, ci0, is, ci, cs);
-        else if (rows == MM) gemm_tile<MM, 1>(ai, as, ak, bv + u * kW, bs, K, ci0 + u * kW, is, ci + u * kW, cs);
-        else row_tail<MM, 1>(rows, ai, as, ak, bv + u * kW, bs, K, ci0 + u * kW, is, ci + u * kW, cs);
-      }
-    }
-  }
 }
 
 // dt of channels [c0, c1) of image b, all L tokens, into the (L, W) block buffer (whole vectors: the pad lanes get
@@ -1562,16 +1601,20 @@ double scan_core_ticks(int64_t pass, int64_t L, int64_t reps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj; 4: and returns its
   // gradients instead of ddt; 5: rms_bwd adds the residual's gradient (dres); 6: defocus_fwd also returns the group
-  // rstd, which defocus_bwd takes (rstd=) (layers/scan_cpu.py)
-  m.attr("KERNEL_VERSION") = 6;
+  // rstd, which defocus_bwd takes (rstd=); 7: conv_bwd adds a linear layer's input gradient (lin_grad, lin_weight)
+  // (layers/scan_cpu.py)
+  m.attr("KERNEL_VERSION") = 7;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_core_ticks", &scan_core_ticks, "benchmarks only: the scan core's ticks per state vector and token",
         py::arg("pass"), py::arg("L"), py::arg("reps"));
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
   m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
-  m.def("conv_bwd", &conv_bwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward",
-        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dout"), py::arg("dx") = py::none());
+  m.def("conv_bwd", &conv_bwd,
+        "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward; the output's gradient is dout, plus "
+        "lin_grad @ lin_weight when given (a linear layer reading the output)",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dout"), py::arg("dx") = py::none(),
+        py::arg("lin_grad") = py::none(), py::arg("lin_weight") = py::none());
   m.def("defocus_fwd", &defocus_fwd,
         "fused softplus, scan, group RMS norm, D skip, SiLU gate: forward, returns (out, yraw, group rstd)",
         py::arg("u"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
