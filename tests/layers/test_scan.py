@@ -239,6 +239,26 @@ def test_kernels_write_gradients_into_given_halves():
 
 
 @needs_cpp
+@pytest.mark.parametrize("bt,length,d,p", [(2, 21, 40, 80), (1, 50, 1536, 80), (3, 5, 37, 7), (2, 9, 600, 1),
+                                          (1, 12, 300, 256)])
+def test_conv_fwd_also_forms_a_linear_layers_output(bt, length, d, p):
+    """conv_fwd(..., lin_weight=w) also returns out @ w^T (x_proj reading the conv's output in the mixer, formed from
+    the conv's fresh rows): equal to the product in float64, and out itself unchanged. Row tiles with tails (L = 5, 9,
+    12, 21, 50), channel blocks with tails, P not a multiple of the vector width (1, 7); too many rows is an error."""
+    mod = scan_cpu._module()
+    g = torch.Generator().manual_seed(13)
+    xz = torch.randn(bt, length, 2 * d, generator=g)
+    w, b = torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
+    lin_w = torch.randn(p, d, generator=g) / d**0.5
+    out, lin = mod.conv_fwd(xz[..., :d], w, b, lin_weight=lin_w)
+    assert torch.equal(out, mod.conv_fwd(xz[..., :d], w, b)[0])
+    assert lin.shape == (bt, length, p) and lin.is_contiguous()
+    assert rel_err(lin, out.double() @ lin_w.double().t()) < 1e-5
+    with pytest.raises(RuntimeError, match="at most 256 rows, got 257"):
+        mod.conv_fwd(xz[..., :d], w, b, lin_weight=torch.randn(257, d))
+
+
+@needs_cpp
 @pytest.mark.parametrize("bt,length,d,p", [(2, 21, 40, 80), (1, 50, 1536, 80), (3, 5, 37, 7), (2, 9, 600, 1)])
 def test_conv_bwd_adds_a_linear_layers_input_gradient(bt, length, d, p):
     """conv_bwd(..., lin_grad=g, lin_weight=w) treats dout + g @ w as the output's gradient (x_proj reads the conv's

@@ -214,8 +214,12 @@ class _MixerCoreFn(torch.autograd.Function):
         mod = _module()
         d, r = xz.shape[-1] // 2, dtproj_w.shape[1]
         n = (xproj_w.shape[0] - r) // 2
-        u = mod.conv_fwd(xz[..., :d], conv_w, conv_b)[0]  # (Bt, L, D) contiguous
-        xdbl = torch.matmul(u, xproj_w.t())  # (Bt, L, R + 2N): dt (low rank), B, C
+        if _kernel_has(7, mod):  # x_proj's product formed inside the conv, from its fresh rows
+            u, xdbl = mod.conv_fwd(xz[..., :d], conv_w, conv_b, lin_weight=xproj_w.contiguous())
+        else:  # builds of older sources (--compare-source)
+            u = mod.conv_fwd(xz[..., :d], conv_w, conv_b)[0]
+            xdbl = torch.matmul(u, xproj_w.t())
+        # u (Bt, L, D) contiguous; xdbl (Bt, L, R + 2N): dt (low rank), B, C
         f = freq if freq is not None else u.new_empty(0)
         dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
         out, yraw, *rstd = mod.defocus_fwd(u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:],

@@ -651,31 +651,67 @@ void check_conv(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
               w.size(1));
 }
 
+// With lw (D, Pp) given (a linear layer's weight transposed, columns zero-padded to Pp, a multiple of kW), also the
+// layer's output: partial sums over each thread's channels into part ((threads, Bt, L, Pp)), kConvFwdRows tokens at a
+// time while the conv's fresh rows are in cache. The mixer's x_proj, (Bt L, D) x (D, 80), ran in MKL at ~220 GFLOP/s
+// reading u back from memory. The products run over blocks of kConvFwdK channels: lw's block (40 KB at Pp = 80)
+// stays in L1 while the rows pass.
+constexpr int64_t kConvFwdRows = 10, kConvFwdK = 128;
+
 template <int KC>
-void conv_fwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias, torch::Tensor& out) {
+void conv_fwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias, torch::Tensor& out,
+                   const float* lw, int64_t Pp, float* part) {
   const int64_t Bt = x.size(0), L = x.size(1), D = x.size(2), sb = x.stride(0), sl = x.stride(1);
   const int K = (int)wt.size(0);
   const float *px = x.data_ptr<float>(), *pw = wt.data_ptr<float>(), *pb = bias.data_ptr<float>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, (D + kW - 1) / kW, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * kW, c1 = std::min(D, end * kW);
-    for (int64_t b = 0; b < Bt; ++b)
-      for (int64_t t = 0; t < L; ++t)
-        for_lanes(c0, c1, [&](int64_t c, auto tag) {
-          using T = decltype(tag);
-          const T pre = t >= K - 1 ? conv_pre<KC, true, T>(px + b * sb, sl, pw, pb, D, K, t, c)
-                                   : conv_pre<KC, false, T>(px + b * sb, sl, pw, pb, D, K, t, c);
-          st(po + (b * L + t) * D + c, pre * sigmoid_t(pre));
-        });
+  const int64_t nvec = (D + kW - 1) / kW, parts = std::min<int64_t>(at::get_num_threads(), nvec);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = p0; q < p1; ++q) {  // the q-th of `parts` channel ranges
+      const int64_t c0 = nvec * q / parts * kW, c1 = std::min(D, nvec * (q + 1) / parts * kW);
+      for (int64_t b = 0; b < Bt; ++b)
+        for (int64_t t0 = 0; t0 < L; t0 += kConvFwdRows) {
+          const int64_t t1 = std::min(L, t0 + kConvFwdRows);
+          for (int64_t t = t0; t < t1; ++t)
+            for_lanes(c0, c1, [&](int64_t c, auto tag) {
+              using T = decltype(tag);
+              const T pre = t >= K - 1 ? conv_pre<KC, true, T>(px + b * sb, sl, pw, pb, D, K, t, c)
+                                       : conv_pre<KC, false, T>(px + b * sb, sl, pw, pb, D, K, t, c);
+              st(po + (b * L + t) * D + c, pre * sigmoid_t(pre));
+            });
+          if (!lw) continue;
+          float* pr = part + ((q * Bt + b) * L + t0) * Pp;
+          for (int64_t k0 = c0; k0 < c1; k0 += kConvFwdK) {
+            const int64_t k1 = std::min(c1, k0 + kConvFwdK);
+            static const fvec zeros(256, 0.f);  // the first block's init (is = 0: one row for all); Pp <= 256
+            small_gemm<5, 5>(po + (b * L + t0) * D + k0, D, 1, t1 - t0, lw + k0 * Pp, Pp, k1 - k0, Pp / kW,
+                             k0 == c0 ? zeros.data() : pr, k0 == c0 ? 0 : Pp, pr, Pp);
+          }
+        }
+    }
   });
 }
 
-std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
+                                    c10::optional<torch::Tensor> lin_weight) {
   check_conv(x, w, bias);
   auto wt = w.t().contiguous();  // (K, D): the channels of one tap are contiguous
   auto out = torch::empty(x.sizes(), x.options().memory_format(c10::MemoryFormat::Contiguous));
-  DISPATCH_FIXED(w.size(1), 4, conv_fwd_impl, x, wt, bias, out);
-  return {out};
+  if (!lin_weight.has_value()) {
+    DISPATCH_FIXED(w.size(1), 4, conv_fwd_impl, x, wt, bias, out, nullptr, 0, nullptr);
+    return {out};
+  }
+  check(*lin_weight, "lin_weight", 2);
+  const int64_t P = lin_weight->size(0), D = x.size(2), Pp = (P + kW - 1) / kW * kW;
+  TORCH_CHECK(lin_weight->size(1) == D, "conv_fwd: lin_weight must be (P, D) for x (Bt, L, D)");
+  TORCH_CHECK(Pp <= 256, "conv_fwd: lin_weight may have at most 256 rows, got ", P);
+  auto lw = torch::zeros({D, Pp}, x.options());
+  lw.narrow(1, 0, P).copy_(lin_weight->t());
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), (D + kW - 1) / kW);
+  auto part = torch::empty({parts, x.size(0), x.size(1), Pp}, x.options());
+  DISPATCH_FIXED(w.size(1), 4, conv_fwd_impl, x, wt, bias, out, lw.data_ptr<float>(), Pp, part.data_ptr<float>());
+  auto lin = part.sum(0);
+  return {out, Pp == P ? lin : lin.narrow(2, 0, P).contiguous()};
 }
 
 // An output the caller may provide as a view into a wider buffer (float32, (Bt, L, D), unit inner stride), e.g. one
@@ -1601,15 +1637,18 @@ double scan_core_ticks(int64_t pass, int64_t L, int64_t reps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // 2: conv_bwd / defocus_bwd write into given buffers; 3: the chain computes dt from dt_proj; 4: and returns its
   // gradients instead of ddt; 5: rms_bwd adds the residual's gradient (dres); 6: defocus_fwd also returns the group
-  // rstd, which defocus_bwd takes (rstd=); 7: conv_bwd adds a linear layer's input gradient (lin_grad, lin_weight)
-  // (layers/scan_cpu.py)
+  // rstd, which defocus_bwd takes (rstd=); 7: conv_bwd adds a linear layer's input gradient (lin_grad, lin_weight),
+  // conv_fwd also returns that layer's output (lin_weight) (layers/scan_cpu.py)
   m.attr("KERNEL_VERSION") = 7;
   m.attr("ABLATE") = kAblate;     // DEFOCUS_ABLATE: 0 in every build that computes
   m.def("scan_core_ticks", &scan_core_ticks, "benchmarks only: the scan core's ticks per state vector and token",
         py::arg("pass"), py::arg("L"), py::arg("reps"));
   m.def("scan_fwd", &scan_fwd, "selective scan forward");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (recomputes the states)");
-  m.def("conv_fwd", &conv_fwd, "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward");
+  m.def("conv_fwd", &conv_fwd,
+        "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: forward; returns (out,), or (out, out @ "
+        "lin_weight^T) when given (a linear layer reading the output)",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("lin_weight") = py::none());
   m.def("conv_bwd", &conv_bwd,
         "causal depthwise conv + bias + SiLU in the (Bt, L, D) layout: backward; the output's gradient is dout, plus "
         "lin_grad @ lin_weight when given (a linear layer reading the output)",
