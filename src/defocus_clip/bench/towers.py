@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 from ..train.host import keep_freed_memory
@@ -567,7 +568,9 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
-CHAIN_OPS = ("conv_fwd", "chain_fwd", "chain_bwd", "conv_bwd")
+# conv_xp_*: the causal conv with x_proj's part as the mixer runs it: the product formed inside the conv and its input
+# gradient added inside the conv's backward (KERNEL_VERSION >= 7), else (older builds) a torch matmul and addmm
+CHAIN_OPS = ("conv_xp_fwd", "chain_fwd", "chain_bwd", "conv_xp_bwd")
 def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
     """The fused kernels' inputs at one B/32 De-focus Mamba mixer's shapes, with its initialisation: the in_proj
     output xz (random), conv, x_proj, dt_proj, A, D and RoPE parameters, u = SiLU(conv(.)), the x_proj output, and a
@@ -590,8 +593,9 @@ def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
 def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads: int | None = None,
                 compare_source: str | None = None, ablate: tuple[str, ...] = (), keep_memory: bool = True,
                 cold: bool = True) -> dict:
-    """The fused CPU kernels of one De-focus Mamba mixer alone, at one B/32 layer's shapes: the causal conv forward,
-    the chain's forward (dt_proj to gate), its backward, the conv's backward; each kernel build in turn per call
+    """The fused CPU kernels of one De-focus Mamba mixer alone, at one B/32 layer's shapes: the causal conv forward
+    with x_proj's product, the chain's forward (dt_proj to gate), its backward, the conv's backward with x_proj's input
+    gradient (`CHAIN_OPS`; x_proj's weight gradient, an MKL matmul, is not timed); each kernel build in turn per call
     (`compare_source`, `ablate` as `bench_layer`), median ms per op. Why: the chain's cost by part without the matmuls
     and autograd around it, and kernel variants compared within seconds. `keep_memory`: `keep_freed_memory()` first.
     `cold`: flush the caches before every timed call (`CacheFlush`), as a tower step's layers find them."""
@@ -611,16 +615,32 @@ def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads
     args = (m.group_norm_size, m.delta_scale_factor, m.freq.detach(), m.rope_scale_factor)
     common = (m.D.detach(), xz[..., d:])
 
+    xproj_w = m.x_proj.weight.detach().contiguous()
+    dxdbl = torch.randn(xdbl.shape)  # x_proj's output gradient
+    du_total = torch.empty_like(x["dout"])  # older builds: the chain's du + x_proj's, formed by addmm
+
     def ops(mod) -> dict:
         dt, dtproj = scan_cpu._dt_input(mod, xdbl, r, m.dt_proj.weight.detach(), m.dt_proj.bias.detach(), u.shape)
         head = (u, dt, x["A"], xdbl[..., r:r + n], xdbl[..., r + n:], *common)
         _, yraw, *rstd = mod.defocus_fwd(*head, *args, *dtproj)
+        conv = (xz[..., :d], x["conv_w"], x["conv_b"])
+        if scan_cpu._kernel_has(7, mod):
+            conv_fwd = partial(mod.conv_fwd, *conv, lin_weight=xproj_w)
+            conv_bwd = partial(mod.conv_bwd, *conv, x["dout"], dx=x["dxz"][..., :d], lin_grad=dxdbl,
+                               lin_weight=xproj_w)
+        else:
+            def conv_fwd():
+                return torch.matmul(mod.conv_fwd(*conv)[0], xproj_w.t())
+
+            def conv_bwd():
+                torch.addmm(x["dout"].view(-1, d), dxdbl.view(-1, xproj_w.shape[0]), xproj_w, out=du_total.view(-1, d))
+                return mod.conv_bwd(*conv, du_total, dx=x["dxz"][..., :d])
         return {
-            "conv_fwd": lambda: mod.conv_fwd(xz[..., :d], x["conv_w"], x["conv_b"]),
+            "conv_xp_fwd": conv_fwd,
             "chain_fwd": lambda: mod.defocus_fwd(*head, *args, *dtproj),
             "chain_bwd": lambda: mod.defocus_bwd(*head, yraw, x["dout"], *args, x["dxz"][..., d:], *dtproj,
                                                  **scan_cpu._saved_rstd(rstd)),
-            "conv_bwd": lambda: mod.conv_bwd(xz[..., :d], x["conv_w"], x["conv_b"], x["dout"], dx=x["dxz"][..., :d]),
+            "conv_xp_bwd": conv_bwd,
         }
 
     calls_by_kernel = {name: ops(mod) for name, mod in kernels.items()}
@@ -651,9 +671,9 @@ def format_chain(result: dict) -> str:
              + (f"caches flushed before each call ({result['cold_caches_mb']} MB)" if result.get("cold_caches_mb")
                 else "warm caches (inputs partly in the last-level cache)"),
              _machine_line(result["machine"]),
-             f"  {'kernel':<28}" + "".join(f"{op + ' ms':>14}" for op in (*CHAIN_OPS, "total"))]
+             f"  {'kernel':<28}" + "".join(f"{op + ' ms':>16}" for op in (*CHAIN_OPS, "total"))]
     for name, row in result["rows"].items():
-        lines.append(f"  {name:<28}" + "".join(f"{row[op]:14.2f}" for op in (*CHAIN_OPS, "total")))
+        lines.append(f"  {name:<28}" + "".join(f"{row[op]:16.2f}" for op in (*CHAIN_OPS, "total")))
     return "\n".join(lines)
 
 
