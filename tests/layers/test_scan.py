@@ -259,12 +259,14 @@ def test_conv_fwd_also_forms_a_linear_layers_output(bt, length, d, p):
 
 
 @needs_cpp
-@pytest.mark.parametrize("bt,length,d,p", [(2, 21, 40, 80), (1, 50, 1536, 80), (3, 5, 37, 7), (2, 9, 600, 1)])
+@pytest.mark.parametrize("bt,length,d,p", [(2, 21, 40, 80), (1, 50, 1536, 80), (3, 5, 37, 7), (2, 9, 600, 1),
+                                          (2, 64, 24, 3)])
 def test_conv_bwd_adds_a_linear_layers_input_gradient(bt, length, d, p):
     """conv_bwd(..., lin_grad=g, lin_weight=w) treats dout + g @ w as the output's gradient (x_proj reads the conv's
     output in the mixer; the kernel adds its gradient span by span): the same gradients as conv_bwd of that sum formed
-    in float64. Spans with token tails, D with vector tails (37, 40, 600 over two threads' ranges), the B/32 shape;
-    mismatched shapes are a clear error."""
+    in float64; with lin_weight_grad=True also the layer's weight gradient g^T out (from the recomputed output, 32
+    tokens per product), against float64. Spans with token tails, L a multiple of the product's rows (64), D with
+    vector tails (37, 40, 600 over two threads' ranges), the B/32 shape; mismatched shapes are a clear error."""
     mod = scan_cpu._module()
     g = torch.Generator().manual_seed(12)
     xz = torch.randn(bt, length, 2 * d, generator=g)
@@ -276,6 +278,12 @@ def test_conv_bwd_adds_a_linear_layers_input_gradient(bt, length, d, p):
     fused = mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g, lin_weight=lin_w)
     for name, ours, theirs in zip(("x", "weight", "bias"), fused, expected):
         assert rel_err(ours, theirs) < 1e-5, name
+    with_dw = mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g, lin_weight=lin_w, lin_weight_grad=True)
+    assert len(fused) == 3 and len(with_dw) == 4
+    assert all(torch.equal(a, c) for a, c in zip(with_dw[:3], fused))
+    out = mod.conv_fwd(xz[..., :d], w, b)[0].double()
+    dw = lin_g.double().flatten(0, 1).t() @ out.flatten(0, 1)
+    assert with_dw[3].shape == (p, d) and rel_err(with_dw[3], dw) < 1e-5
     with pytest.raises(RuntimeError, match=r"lin_grad must be \(Bt, L, P\) and lin_weight \(P, D\)"):
         mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g, lin_weight=lin_w[:, 1:].contiguous())
     with pytest.raises(RuntimeError, match="takes lin_grad and lin_weight together"):

@@ -568,8 +568,8 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
-# conv_xp_*: the causal conv with x_proj's part as the mixer runs it: the product formed inside the conv and its input
-# gradient added inside the conv's backward (KERNEL_VERSION >= 7), else (older builds) a torch matmul and addmm
+# conv_xp_*: the causal conv with x_proj's part as the mixer runs it: the product formed inside the conv, its input
+# and weight gradients inside the conv's backward (KERNEL_VERSION >= 7), else (older builds) torch matmuls and addmm
 CHAIN_OPS = ("conv_xp_fwd", "chain_fwd", "chain_bwd", "conv_xp_bwd")
 def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
     """The fused kernels' inputs at one B/32 De-focus Mamba mixer's shapes, with its initialisation: the in_proj
@@ -595,7 +595,7 @@ def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads
                 cold: bool = True) -> dict:
     """The fused CPU kernels of one De-focus Mamba mixer alone, at one B/32 layer's shapes: the causal conv forward
     with x_proj's product, the chain's forward (dt_proj to gate), its backward, the conv's backward with x_proj's input
-    gradient (`CHAIN_OPS`; x_proj's weight gradient, an MKL matmul, is not timed); each kernel build in turn per call
+    and weight gradients (`CHAIN_OPS`); each kernel build in turn per call
     (`compare_source`, `ablate` as `bench_layer`), median ms per op. Why: the chain's cost by part without the matmuls
     and autograd around it, and kernel variants compared within seconds. `keep_memory`: `keep_freed_memory()` first.
     `cold`: flush the caches before every timed call (`CacheFlush`), as a tower step's layers find them."""
@@ -627,14 +627,16 @@ def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads
         if scan_cpu._kernel_has(7, mod):
             conv_fwd = partial(mod.conv_fwd, *conv, lin_weight=xproj_w)
             conv_bwd = partial(mod.conv_bwd, *conv, x["dout"], dx=x["dxz"][..., :d], lin_grad=dxdbl,
-                               lin_weight=xproj_w)
+                               lin_weight=xproj_w, lin_weight_grad=True)
         else:
             def conv_fwd():
                 return torch.matmul(mod.conv_fwd(*conv)[0], xproj_w.t())
 
             def conv_bwd():
-                torch.addmm(x["dout"].view(-1, d), dxdbl.view(-1, xproj_w.shape[0]), xproj_w, out=du_total.view(-1, d))
-                return mod.conv_bwd(*conv, du_total, dx=x["dxz"][..., :d])
+                g = dxdbl.view(-1, xproj_w.shape[0])
+                d_xproj_w = g.t() @ u.view(-1, d)
+                torch.addmm(x["dout"].view(-1, d), g, xproj_w, out=du_total.view(-1, d))
+                return *mod.conv_bwd(*conv, du_total, dx=x["dxz"][..., :d]), d_xproj_w
         return {
             "conv_xp_fwd": conv_fwd,
             "chain_fwd": lambda: mod.defocus_fwd(*head, *args, *dtproj),

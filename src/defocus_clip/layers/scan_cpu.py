@@ -201,9 +201,10 @@ def defocus_chain_cpp(
 class _MixerCoreFn(torch.autograd.Function):
     """The middle of a De-focus Mamba mixer as one autograd node: causal conv + SiLU, x_proj, dt_proj and the fused
     chain. Why one node: its backward writes the gradients of the u and z halves of the in_proj output straight into
-    one (Bt, L, 2D) buffer, and the conv backward adds x_proj's gradient of u to the chain's span by span in cache,
-    where a node per op costs autograd a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients
-    of u (a pass over two (Bt, L, D) tensors; an in-place `addmm_` still read and wrote one) per layer. The
+    one (Bt, L, 2D) buffer, and the conv kernels do x_proj's products from their rows in cache (forward: u x_proj^T;
+    backward: x_proj's gradient of u added to the chain's, and its weight gradient), where a node per op costs autograd
+    a `cat` of the two halves (a (Bt, L, 2D) copy) and a sum of the two gradients of u (a pass over two (Bt, L, D)
+    tensors; an in-place `addmm_` still read and wrote one) per layer. The
     kernel computes dt_proj itself, per channel block from its rank-R input, in the forward and again in the
     backward: the (Bt, L, D) dt is neither written, read nor saved; nor is ddt: the kernel returns dt_proj's input,
     weight and bias gradients, formed per channel block from ddt while it is in cache."""
@@ -252,11 +253,13 @@ class _MixerCoreFn(torch.autograd.Function):
             d_dtproj_w = ddt.view(-1, d).t() @ xdbl2[:, :r]
         dxdbl[:, r:r + n] = dB.view(-1, n)
         dxdbl[:, r + n:] = dC.view(-1, n)
-        d_xproj_w = dxdbl.t() @ u.view(-1, d)
-        if _kernel_has(7, mod):  # the conv backward adds x_proj's gradient of u to the chain's, span by span
-            _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d],
-                                               lin_grad=dxdbl.view(xdbl.shape), lin_weight=xproj_w.contiguous())
+        if _kernel_has(7, mod):  # the conv backward adds x_proj's gradient of u to the chain's, span by span, and
+            # forms x_proj's weight gradient from the u rows it recomputes
+            _, dconv_w, dconv_b, d_xproj_w = mod.conv_bwd(
+                xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d], lin_grad=dxdbl.view(xdbl.shape),
+                lin_weight=xproj_w.contiguous(), lin_weight_grad=True)
         else:  # builds of older sources (--compare-source): the chain's du + x_proj's, in place
+            d_xproj_w = dxdbl.t() @ u.view(-1, d)
             du.view(-1, d).addmm_(dxdbl, xproj_w)
             _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])
         return (dxz, dconv_w, dconv_b, d_xproj_w, d_dtproj_w, ddt_sum, dA, dD, dfreq if ctx.has_freq else None,
