@@ -288,6 +288,8 @@ def test_conv_bwd_adds_a_linear_layers_input_gradient(bt, length, d, p):
         mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g, lin_weight=lin_w[:, 1:].contiguous())
     with pytest.raises(RuntimeError, match="takes lin_grad and lin_weight together"):
         mod.conv_bwd(xz[..., :d], w, b, dout, lin_grad=lin_g)
+    with pytest.raises(RuntimeError, match="lin_weight_grad needs lin_grad and lin_weight"):
+        mod.conv_bwd(xz[..., :d], w, b, dout, lin_weight_grad=True)
 
 
 @needs_cpp

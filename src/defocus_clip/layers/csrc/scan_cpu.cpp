@@ -510,12 +510,11 @@ std::vector<torch::Tensor> scan_bwd_impl(torch::Tensor u, torch::Tensor delta, t
   return {du, ddelta, dA, dB, dC};
 }
 
-// ---- small matrix products: dt_proj inside the chain, x_proj's input gradient inside the conv backward ----
+// ---- small matrix products: dt_proj inside the chain, x_proj's inside the conv's forward and backward ----
 
 // c[i, v] = init[i * is + v] + sum_k a[i * as + k * ak] b[k * bs + v] for MM rows i and NV vectors v of columns, k <
 // K (init may be c itself, or one row for all with is = 0): the small products of dt_proj inside the chain and of
-// x_proj's input gradient inside the conv backward, with MM x NV accumulators in registers and one vector load of b
-// per MM x NV FMAs.
+// x_proj inside the conv kernels, with MM x NV accumulators in registers and one vector load of b per MM x NV FMAs.
 template <int MM, int NV>
 inline void gemm_tile(const float* a, int64_t as, int64_t ak, const float* b, int64_t bs, int64_t K, const float* init,
                       int64_t is, float* c, int64_t cs) {
@@ -809,6 +808,7 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
   check(dout, "dout", 3);
   TORCH_CHECK(dout.sizes() == x.sizes(), "conv dout must be (Bt, L, D) like x");
   TORCH_CHECK(lin_grad.has_value() == lin_weight.has_value(), "conv_bwd takes lin_grad and lin_weight together");
+  TORCH_CHECK(lin_grad.has_value() || !lin_weight_grad, "conv_bwd: lin_weight_grad needs lin_grad and lin_weight");
   LinearGrad lin;
   if (lin_grad.has_value()) {
     check(*lin_grad, "lin_grad", 3);
