@@ -610,8 +610,9 @@ inline T conv_pre(const float* x, int64_t sl, const float* wt, const float* bias
 // dout: d loss / d out, rows of stride dol. uo (optional): u_t = out_t written to uo + t * uol.
 template <int KC, class T>
 inline void conv_bwd_span(const float* x, int64_t sl, const float* dout, int64_t dol, const float* wt,
-                          const float* bias, int64_t D, int Krt, int64_t L, int64_t t0, int64_t t1, int64_t c, float* dx,
-                          int64_t dxl, float* gw_mem, int64_t gs, T* dw, T& db, float* uo = nullptr, int64_t uol = 0) {
+                          const float* bias, int64_t D, int Krt, int64_t L, int64_t t0, int64_t t1, int64_t c,
+                          float* dx, int64_t dxl, float* gw_mem, int64_t gs, T* dw, T& db, float* uo = nullptr,
+                          int64_t uol = 0) {
   const int K = KC > 0 ? KC : Krt;
   T w[KC > 0 ? KC : kMaxConv], xw[KC > 0 ? KC : kMaxConv], gw[KC > 0 ? KC : kMaxConv];  // gw[k] = g_{t - k}
   for (int k = 0; k < K; ++k) {
@@ -661,6 +662,11 @@ void check_conv(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
 // reading u back from memory. The products run over blocks of kConvFwdK channels: lw's block (40 KB at Pp = 80)
 // stays in L1 while the rows pass.
 constexpr int64_t kConvFwdRows = 10, kConvFwdK = 128;
+// Register tiles of the conv kernels' products (rows x vectors): 25 of the 32 zmm registers in the forward, 24 (AVX-512)
+// or 12 (AVX2: 16 ymm) in the backward. With AVX2 the forward's product is MKL's matmul after the conv instead: the
+// best AVX2 tile (6 x 2) took 4.27 ms against 3.69 for the conv and MKL (B/32 shapes, 2 threads, cold); its backward's
+// products still gain (the conv backward with x_proj's parts 8.98 -> 7.45 ms).
+constexpr int kConvFwdMM = 5, kConvFwdNV = 5, kConvBwdMM = kW == 16 ? 8 : 4;
 
 template <int KC>
 void conv_fwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias, torch::Tensor& out,
@@ -688,8 +694,8 @@ void conv_fwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch:
           for (int64_t k0 = c0; k0 < c1; k0 += kConvFwdK) {
             const int64_t k1 = std::min(c1, k0 + kConvFwdK);
             static const fvec zeros(256, 0.f);  // the first block's init (is = 0: one row for all); Pp <= 256
-            small_gemm<5, 5>(po + (b * L + t0) * D + k0, D, 1, t1 - t0, lw + k0 * Pp, Pp, k1 - k0, Pp / kW,
-                             k0 == c0 ? zeros.data() : pr, k0 == c0 ? 0 : Pp, pr, Pp);
+            small_gemm<kConvFwdMM, kConvFwdNV>(po + (b * L + t0) * D + k0, D, 1, t1 - t0, lw + k0 * Pp, Pp, k1 - k0,
+                                               Pp / kW, k0 == c0 ? zeros.data() : pr, k0 == c0 ? 0 : Pp, pr, Pp);
           }
         }
     }
@@ -709,6 +715,10 @@ std::vector<torch::Tensor> conv_fwd(torch::Tensor x, torch::Tensor w, torch::Ten
   const int64_t P = lin_weight->size(0), D = x.size(2), Pp = (P + kW - 1) / kW * kW;
   TORCH_CHECK(lin_weight->size(1) == D, "conv_fwd: lin_weight must be (P, D) for x (Bt, L, D)");
   TORCH_CHECK(Pp <= 256, "conv_fwd: lin_weight may have at most 256 rows, got ", P);
+  if (kW != 16) {  // see kConvFwdMM
+    DISPATCH_FIXED(w.size(1), 4, conv_fwd_impl, x, wt, bias, out, nullptr, 0, nullptr);
+    return {out, at::matmul(out, lin_weight->t())};
+  }
   auto lw = torch::zeros({D, Pp}, x.options());
   lw.narrow(1, 0, P).copy_(lin_weight->t());
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), (D + kW - 1) / kW);
@@ -764,7 +774,7 @@ void conv_bwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch:
         int64_t dol = D;
         if (lin.g && rows > 0) {
           const float *gr = lin.g + (b * L + t0) * P, *dr = pdo + (b * L + t0) * D;
-          small_gemm<kConvSpan, 3>(gr, P, 1, rows, lin.w + c0, D, P, full / kW, dr + c0, D, dsum.data(), gs);
+          small_gemm<kConvBwdMM, 3>(gr, P, 1, rows, lin.w + c0, D, P, full / kW, dr + c0, D, dsum.data(), gs);
           for (int64_t i = 0; i < rows; ++i)
             for (int64_t c = c0 + full; c < c1; ++c) {
               float acc = dr[i * D + c];
@@ -788,7 +798,7 @@ void conv_bwd_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch:
         const int64_t u0 = t0 / kConvDwRows * kConvDwRows, uend = std::min(t1, L);
         if (lin.dw && uend > u0 && (uend - u0 == kConvDwRows || uend == L)) {
           const float* gr = lin.g + (b * L + u0) * P;  // dw[p, c] += sum_t g[t, p] u[t, c]
-          small_gemm<8, 3>(gr, 1, P, P, ub.data(), gs, uend - u0, full / kW, dwl.data(), gs, dwl.data(), gs);
+          small_gemm<kConvBwdMM, 3>(gr, 1, P, P, ub.data(), gs, uend - u0, full / kW, dwl.data(), gs, dwl.data(), gs);
           for (int64_t p = 0; p < P; ++p)
             for (int64_t c = full; c < c1 - c0; ++c)
               for (int64_t t = 0; t < uend - u0; ++t) dwl[p * gs + c] += gr[t * P + p] * ub[t * gs + c];
