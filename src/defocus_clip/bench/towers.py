@@ -568,8 +568,7 @@ def format_layer(result: dict) -> str:
     return "\n".join(lines)
 
 
-# conv_xp_*: the causal conv with x_proj's part as the mixer runs it: the product formed inside the conv, its input
-# and weight gradients inside the conv's backward (KERNEL_VERSION >= 7), else (older builds) torch matmuls and addmm
+# conv_xp_*: the causal conv with x_proj's part as the mixer runs it (`scan_cpu.conv_xproj_fwd` / `_bwd`)
 CHAIN_OPS = ("conv_xp_fwd", "chain_fwd", "chain_bwd", "conv_xp_bwd")
 def _chain_inputs(batch_size: int, tokens: int, dim: int = 768) -> dict:
     """The fused kernels' inputs at one B/32 De-focus Mamba mixer's shapes, with its initialisation: the in_proj
@@ -617,32 +616,19 @@ def bench_chain(batch_size: int = 32, tokens: int = 50, calls: int = 25, threads
 
     xproj_w = m.x_proj.weight.detach().contiguous()
     dxdbl = torch.randn(xdbl.shape)  # x_proj's output gradient
-    du_total = torch.empty_like(x["dout"])  # older builds: the chain's du + x_proj's, formed by addmm
+    du = x["dout"].clone()  # the chain's du; older builds add x_proj's part into it in place (every call: harmless)
 
     def ops(mod) -> dict:
         dt, dtproj = scan_cpu._dt_input(mod, xdbl, r, m.dt_proj.weight.detach(), m.dt_proj.bias.detach(), u.shape)
         head = (u, dt, x["A"], xdbl[..., r:r + n], xdbl[..., r + n:], *common)
         _, yraw, *rstd = mod.defocus_fwd(*head, *args, *dtproj)
         conv = (xz[..., :d], x["conv_w"], x["conv_b"])
-        if scan_cpu._kernel_has(7, mod):
-            conv_fwd = partial(mod.conv_fwd, *conv, lin_weight=xproj_w)
-            conv_bwd = partial(mod.conv_bwd, *conv, x["dout"], dx=x["dxz"][..., :d], lin_grad=dxdbl,
-                               lin_weight=xproj_w, lin_weight_grad=True)
-        else:
-            def conv_fwd():
-                return torch.matmul(mod.conv_fwd(*conv)[0], xproj_w.t())
-
-            def conv_bwd():
-                g = dxdbl.view(-1, xproj_w.shape[0])
-                d_xproj_w = g.t() @ u.view(-1, d)
-                torch.addmm(x["dout"].view(-1, d), g, xproj_w, out=du_total.view(-1, d))
-                return *mod.conv_bwd(*conv, du_total, dx=x["dxz"][..., :d]), d_xproj_w
         return {
-            "conv_xp_fwd": conv_fwd,
+            "conv_xp_fwd": partial(scan_cpu.conv_xproj_fwd, mod, *conv, xproj_w),
             "chain_fwd": lambda: mod.defocus_fwd(*head, *args, *dtproj),
             "chain_bwd": lambda: mod.defocus_bwd(*head, yraw, x["dout"], *args, x["dxz"][..., d:], *dtproj,
                                                  **scan_cpu._saved_rstd(rstd)),
-            "conv_xp_bwd": conv_bwd,
+            "conv_xp_bwd": partial(scan_cpu.conv_xproj_bwd, mod, *conv, du, dxdbl, xproj_w, u, x["dxz"][..., :d]),
         }
 
     calls_by_kernel = {name: ops(mod) for name, mod in kernels.items()}

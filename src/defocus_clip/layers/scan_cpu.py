@@ -18,6 +18,8 @@ Five ops, each an autograd function:
   chain) as one autograd node, whose backward fills the gradient of the in_proj output without a `cat`.
 - `rms_norm_cpp(x, weight, eps)`: RMSNorm over the last dim, one pass forward and one backward (the eager
   composition costs ~10 passes over the activations of every block).
+`conv_xproj_fwd` / `conv_xproj_bwd` are the conv + x_proj steps of `mixer_core_cpp` (also timed alone by
+`bench.towers --chain`).
 """
 
 from __future__ import annotations
@@ -215,12 +217,7 @@ class _MixerCoreFn(torch.autograd.Function):
         mod = _module()
         d, r = xz.shape[-1] // 2, dtproj_w.shape[1]
         n = (xproj_w.shape[0] - r) // 2
-        if _kernel_has(7, mod):  # x_proj's product formed inside the conv, from its fresh rows
-            u, xdbl = mod.conv_fwd(xz[..., :d], conv_w, conv_b, lin_weight=xproj_w.contiguous())
-        else:  # builds of older sources (--compare-source)
-            u = mod.conv_fwd(xz[..., :d], conv_w, conv_b)[0]
-            xdbl = torch.matmul(u, xproj_w.t())
-        # u (Bt, L, D) contiguous; xdbl (Bt, L, R + 2N): dt (low rank), B, C
+        u, xdbl = conv_xproj_fwd(mod, xz[..., :d], conv_w, conv_b, xproj_w)  # xdbl: dt (low rank), B, C
         f = freq if freq is not None else u.new_empty(0)
         dt, dtproj = _dt_input(mod, xdbl, r, dtproj_w, dtproj_b, u.shape)
         out, yraw, *rstd = mod.defocus_fwd(u, dt, A, xdbl[..., r:r + n], xdbl[..., r + n:], Dskip, xz[..., d:],
@@ -253,17 +250,39 @@ class _MixerCoreFn(torch.autograd.Function):
             d_dtproj_w = ddt.view(-1, d).t() @ xdbl2[:, :r]
         dxdbl[:, r:r + n] = dB.view(-1, n)
         dxdbl[:, r + n:] = dC.view(-1, n)
-        if _kernel_has(7, mod):  # the conv backward adds x_proj's gradient of u to the chain's, span by span, and
-            # forms x_proj's weight gradient from the u rows it recomputes
-            _, dconv_w, dconv_b, d_xproj_w = mod.conv_bwd(
-                xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d], lin_grad=dxdbl.view(xdbl.shape),
-                lin_weight=xproj_w.contiguous(), lin_weight_grad=True)
-        else:  # builds of older sources (--compare-source): the chain's du + x_proj's, in place
-            d_xproj_w = dxdbl.t() @ u.view(-1, d)
-            du.view(-1, d).addmm_(dxdbl, xproj_w)
-            _, dconv_w, dconv_b = mod.conv_bwd(xz[..., :d], conv_w, conv_b, du, dx=dxz[..., :d])
+        dconv_w, dconv_b, d_xproj_w = conv_xproj_bwd(mod, xz[..., :d], conv_w, conv_b, du, dxdbl.view(xdbl.shape),
+                                                     xproj_w, u, dxz[..., :d])
         return (dxz, dconv_w, dconv_b, d_xproj_w, d_dtproj_w, ddt_sum, dA, dD, dfreq if ctx.has_freq else None,
                 None, None, None)
+
+
+def conv_xproj_fwd(mod, x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                   xproj_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, u @ xproj_w^T), u = causal_conv_silu(x) (Bt, L, D) contiguous: the mixer's conv and x_proj. Kernels of
+    version >= 7 form the product inside the conv from its fresh rows; older builds (--compare-source) use a matmul."""
+    if _kernel_has(7, mod):
+        return tuple(mod.conv_fwd(x, conv_w, conv_b, lin_weight=xproj_w.contiguous()))
+    u = mod.conv_fwd(x, conv_w, conv_b)[0]
+    return u, torch.matmul(u, xproj_w.t())
+
+
+def conv_xproj_bwd(mod, x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, du: torch.Tensor,
+                   dxdbl: torch.Tensor, xproj_w: torch.Tensor, u: torch.Tensor,
+                   dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of `conv_xproj_fwd` given du (Bt, L, D), the gradient of u from the rest of the mixer, and dxdbl
+    (Bt, L, P), x_proj's output gradient: writes x's gradient into dx, returns the gradients of conv_w, conv_b and
+    xproj_w. Kernels of version >= 7 add x_proj's gradient of u span by span inside the conv's backward and form its
+    weight gradient from the u rows they recompute; older builds (--compare-source) add it into du in place and take
+    the weight gradient from the saved u."""
+    if _kernel_has(7, mod):
+        _, dconv_w, dconv_b, d_xproj_w = mod.conv_bwd(x, conv_w, conv_b, du, dx=dx, lin_grad=dxdbl,
+                                                      lin_weight=xproj_w.contiguous(), lin_weight_grad=True)
+        return dconv_w, dconv_b, d_xproj_w
+    g, d = dxdbl.view(-1, dxdbl.shape[-1]), du.shape[-1]
+    d_xproj_w = g.t() @ u.view(-1, d)
+    du.view(-1, d).addmm_(g, xproj_w)
+    _, dconv_w, dconv_b = mod.conv_bwd(x, conv_w, conv_b, du, dx=dx)
+    return dconv_w, dconv_b, d_xproj_w
 
 
 def _kernel_has(version: int, mod=None) -> bool:
