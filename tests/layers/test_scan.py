@@ -256,6 +256,8 @@ def test_conv_fwd_also_forms_a_linear_layers_output(bt, length, d, p):
     assert rel_err(lin, out.double() @ lin_w.double().t()) < 1e-5
     with pytest.raises(RuntimeError, match="at most 256 rows, got 257"):
         mod.conv_fwd(xz[..., :d], w, b, lin_weight=torch.randn(257, d))
+    with pytest.raises(RuntimeError, match=r"lin_weight must be \(P, D\) for x \(Bt, L, D\)"):
+        mod.conv_fwd(xz[..., :d], w, b, lin_weight=torch.randn(p, d + 1))
 
 
 @needs_cpp
